@@ -1,0 +1,165 @@
+"""Command line: argument parsing and printing only; the work happens in the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from kdistill import __version__
+
+log = logging.getLogger("kdistill")
+
+EXIT_USAGE = 2
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _load_config(args: argparse.Namespace):
+    from kdistill import config
+
+    path = args.config
+    if path is None and getattr(args, "resume", False) and args.out:
+        saved = Path(args.out) / "config.yaml"
+        path = saved if saved.is_file() else None
+    return config.load(path, args.overrides)
+
+
+def _run_folder(args: argparse.Namespace, cfg, kind: str) -> Path:
+    if args.out:
+        return Path(args.out)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(cfg.run.out) / f"{cfg.data.name}-{kind}-{stamp}"
+
+
+def _print_summary(metrics: dict, folder: Path) -> None:
+    from kdistill.report import text_table
+
+    print(text_table(metrics))
+    print()
+    print(f"verdict: {metrics['comparison']['verdict']}")
+    print(f"run folder: {folder}  (report: {folder / 'report.html'})")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from kdistill.pipeline import run_pipeline
+
+    cfg = _load_config(args)
+    folder = _run_folder(args, cfg, "run")
+    metrics = run_pipeline(cfg, folder, resume=args.resume)
+    _print_summary(metrics, folder)
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from kdistill.pipeline import run_pipeline
+
+    cfg = _load_config(args)
+    folder = _run_folder(args, cfg, "distill")
+    metrics = run_pipeline(cfg, folder, resume=args.resume, teacher_path=args.teacher)
+    _print_summary(metrics, folder)
+    return 0
+
+
+def cmd_train_teacher(args: argparse.Namespace) -> int:
+    from kdistill.pipeline import train_teacher_only
+
+    cfg = _load_config(args)
+    folder = train_teacher_only(cfg, _run_folder(args, cfg, "teacher"), resume=args.resume)
+    print(f"teacher saved in {folder}")
+    return 0
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser, config_required: bool) -> None:
+    if config_required:
+        parser.add_argument("config", help="YAML config file")
+    else:
+        parser.add_argument(
+            "config",
+            nargs="?",
+            default=None,
+            help="YAML config file (default: the built-in digits config)",
+        )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. distill.temperature=8 student.hidden=[64]",
+    )
+    parser.add_argument(
+        "--out", default=None, help="run folder (default: a new folder under run.out, 'runs/')"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in --out; finished models are reused",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdistill",
+        description="Distill a small classifier from a large one and measure whether it helped.",
+    )
+    parser.add_argument("--version", action="version", version=f"kdistill {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="the whole pipeline into a run folder")
+    _add_config_arguments(run, config_required=False)
+    run.set_defaults(handler=cmd_run)
+
+    teacher = commands.add_parser("train-teacher", help="train and save a teacher only")
+    _add_config_arguments(teacher, config_required=True)
+    teacher.set_defaults(handler=cmd_train_teacher)
+
+    distill = commands.add_parser("distill", help="distill from a saved teacher")
+    _add_config_arguments(distill, config_required=True)
+    distill.add_argument(
+        "--teacher",
+        required=True,
+        help="teacher folder (model.safetensors + model.json) or a run folder",
+    )
+    distill.set_defaults(handler=cmd_distill)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # With no config file, the first KEY=VALUE lands in the CONFIG slot: move it back.
+    if args.config is not None and "=" in args.config and not Path(args.config).exists():
+        args.overrides.insert(0, args.config)
+        args.config = None
+        if args.command != "run":
+            parser.error(f"{args.command} needs a CONFIG file before any KEY=VALUE override")
+    _setup_logging(args.verbose)
+
+    from kdistill.checkpoint import CheckpointError
+    from kdistill.config import ConfigError
+    from kdistill.data import DataError
+    from kdistill.pipeline import RunError
+
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        print(f"kdistill: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except (DataError, CheckpointError, RunError) as error:
+        print(f"kdistill: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("kdistill: interrupted; continue with --resume and the same --out", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

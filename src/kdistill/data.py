@@ -1,0 +1,309 @@
+"""Datasets, validation, stratified splits and standardization statistics.
+
+Everything ends as in-memory float32 feature tensors and int64 label tensors, so the trainer
+takes batches by index with no per-example Python work.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import logging
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from kdistill.config import FASHION_MNIST_DIR, DataConfig
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+
+
+class DataError(ValueError):
+    """Input data that cannot be used, with the file and the problem named."""
+
+
+@dataclass
+class Splits:
+    """Train, validation and test tensors plus what a model needs to know about the inputs."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    class_names: list[str]
+    mean: torch.Tensor
+    std: torch.Tensor
+    source: str
+    fingerprint: str
+
+    @property
+    def num_features(self) -> int:
+        return self.x_train.shape[1]
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.y_train), "val": len(self.y_val), "test": len(self.y_test)}
+
+
+# step: readers, one per format, each returning raw numpy arrays
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (gzipped or not) into an array of its stored shape."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            content = handle.read()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read IDX file ({error})") from None
+    if len(content) < 4 or content[0] != 0 or content[1] != 0:
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
+    dtype_code, ndim = content[2], content[3]
+    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if dtype_code not in dtypes:
+        raise DataError(f"{path}: unknown IDX element type 0x{dtype_code:02x}")
+    header = 4 + 4 * ndim
+    shape = struct.unpack(f">{ndim}I", content[4:header])
+    dtype = np.dtype(dtypes[dtype_code])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(content) - header != expected:
+        raise DataError(
+            f"{path}: IDX header promises shape {shape} ({expected} bytes) but the file holds "
+            f"{len(content) - header} bytes; the file is truncated or corrupt"
+        )
+    return np.frombuffer(content, dtype=dtype, offset=header).reshape(shape)
+
+
+def _find_idx(folder: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem, stem.replace("-idx", ".idx")):
+        if (folder / name).is_file():
+            return folder / name
+    raise DataError(
+        f"{folder}: missing {stem}(.gz); point data.path at the folder with the four IDX files"
+    )
+
+
+def load_idx_folder(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    if not folder.is_dir():
+        hint = ""
+        if str(folder) == FASHION_MNIST_DIR:
+            hint = " (install it with: apt-get install dataset-fashion-mnist)"
+        raise DataError(f"data.path: folder not found: {folder}{hint}")
+    arrays = []
+    for stem in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
+        path = _find_idx(folder, stem)
+        array = read_idx(path)
+        if "images" in stem:
+            array = array.reshape(len(array), -1).astype(np.float32) / 255.0
+        arrays.append((path, array))
+    (ptr, x_train), (pl, y_train), (pte, x_test), (plt, y_test) = arrays
+    _check_rows(ptr, x_train, pl, y_train)
+    _check_rows(pte, x_test, plt, y_test)
+    return x_train, y_train, x_test, y_test
+
+
+def _check_rows(x_path: Path, x: np.ndarray, y_path: Path, y: np.ndarray) -> None:
+    if len(x) != len(y):
+        raise DataError(f"{x_path} has {len(x)} rows but {y_path} has {len(y)} labels")
+
+
+def load_csv(path: Path, label: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read a CSV with a header row: numeric feature columns and one label column."""
+    if not path.is_file():
+        raise DataError(f"data.path: file not found: {path}")
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        raise DataError(f"{path}: empty file; expected a header row and data rows")
+    header, body = rows[0], rows[1:]
+    if label not in header:
+        raise DataError(
+            f"{path}: no label column '{label}' in the header {header[:8]}; "
+            "set data.label to the name of the label column"
+        )
+    if not body:
+        raise DataError(f"{path}: no data rows below the header")
+    label_index = header.index(label)
+    values = np.empty((len(body), len(header)), dtype=np.float64)
+    for row_number, row in enumerate(body, start=2):
+        if len(row) != len(header):
+            raise DataError(f"{path}, line {row_number}: {len(row)} fields, expected {len(header)}")
+        for column, text in enumerate(row):
+            try:
+                values[row_number - 2, column] = float(text)
+            except ValueError:
+                raise DataError(
+                    f"{path}, line {row_number}, column '{header[column]}': "
+                    f"{text!r} is not a number"
+                ) from None
+    features = np.delete(values, label_index, axis=1).astype(np.float32)
+    return features, values[:, label_index]
+
+
+def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read arrays ``x`` (examples first) and ``y`` from an .npz file, without pickle."""
+    if not path.is_file():
+        raise DataError(f"data.path: file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [k for k in ("x", "y") if k not in archive.files]
+            if missing:
+                raise DataError(
+                    f"{path}: missing array(s) {missing}; found {archive.files}. "
+                    "Save the features as 'x' and the labels as 'y'"
+                )
+            x, y = archive["x"], archive["y"]
+    except (OSError, ValueError) as error:
+        if isinstance(error, DataError):
+            raise
+        raise DataError(f"{path}: cannot read as .npz ({error})") from None
+    if x.ndim < 2:
+        raise DataError(f"{path}: x has shape {x.shape}; expected (examples, features...)")
+    if not np.issubdtype(x.dtype, np.number):
+        raise DataError(f"{path}: x has dtype {x.dtype}; expected numbers")
+    return x.reshape(len(x), -1).astype(np.float32), y
+
+
+# step: checks shared by every format
+
+
+def check_features(x: np.ndarray, source: str) -> None:
+    bad = ~np.isfinite(x)
+    if bad.any():
+        row, column = np.argwhere(bad)[0]
+        raise DataError(
+            f"{source}: {int(bad.sum())} NaN or infinite feature value(s), first at row {row}, "
+            f"column {column}; clean or impute them before training"
+        )
+
+
+def check_labels(y: np.ndarray, source: str) -> np.ndarray:
+    """Return labels as int64 after checking they are whole numbers >= 0."""
+    if y.ndim != 1:
+        raise DataError(f"{source}: labels have shape {y.shape}; expected one label per row")
+    if not np.issubdtype(y.dtype, np.number) or np.issubdtype(y.dtype, np.complexfloating):
+        raise DataError(f"{source}: labels have dtype {y.dtype}; expected integers 0..C-1")
+    as_float = y.astype(np.float64)
+    if not np.isfinite(as_float).all() or (as_float != np.round(as_float)).any():
+        first = as_float[~np.isfinite(as_float) | (as_float != np.round(as_float))][0]
+        raise DataError(f"{source}: label {first!r} is not an integer; expected integers 0..C-1")
+    if (as_float < 0).any():
+        raise DataError(
+            f"{source}: label {int(as_float.min())} is negative; expected integers 0..C-1"
+        )
+    return as_float.astype(np.int64)
+
+
+def _check_classes(y_train: np.ndarray, num_classes: int, source: str) -> None:
+    counts = np.bincount(y_train, minlength=num_classes)
+    empty = [c for c in range(num_classes) if counts[c] == 0]
+    if empty:
+        raise DataError(
+            f"{source}: class(es) {empty} have no training example, but labels go up to "
+            f"{num_classes - 1}; labels must be 0..C-1 with every class present in training"
+        )
+
+
+# step: assembling the splits
+
+
+def _stratified(x, y, fraction: float, seed: int, what: str, source: str):
+    try:
+        return train_test_split(x, y, test_size=fraction, random_state=seed, stratify=y)
+    except ValueError as error:
+        raise DataError(
+            f"{source}: cannot carve a stratified {what} split of {fraction} ({error}); "
+            "add examples or change the fraction"
+        ) from None
+
+
+def _limit(x, y, limit: int, seed: int, source: str):
+    if limit <= 0 or limit >= len(y):
+        return x, y
+    kept, _, y_kept, _ = _stratified(x, y, 1.0 - limit / len(y), seed, "train_limit", source)
+    return kept, y_kept
+
+
+def _raw_splits(config: DataConfig, seed: int):
+    """Return (x_train, y_train, x_test or None, y_test or None, source, class names)."""
+    if config.name == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return digits.data.astype(np.float32), digits.target, None, None, "sklearn digits", None
+    if config.name in ("fashion-mnist", "mnist"):
+        folder = Path(config.path or FASHION_MNIST_DIR)
+        x_train, y_train, x_test, y_test = load_idx_folder(folder)
+        names = FASHION_MNIST_CLASSES if config.name == "fashion-mnist" else None
+        return x_train, y_train, x_test, y_test, str(folder), names
+    path = Path(config.path)
+    if config.name == "csv":
+        x, y = load_csv(path, config.label)
+    else:
+        x, y = load_npz(path)
+    return x, y, None, None, str(path), None
+
+
+def fingerprint(*arrays: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for array in arrays:
+        contiguous = np.ascontiguousarray(array)
+        digest.update(str((contiguous.dtype.str, contiguous.shape)).encode())
+        digest.update(contiguous.tobytes())
+    return digest.hexdigest()
+
+
+def load_splits(config: DataConfig, seed: int) -> Splits:
+    """Load, check and split the configured data; standardization comes from train only."""
+    x, y, x_test, y_test, source, names = _raw_splits(config, seed)
+    check_features(x, source)
+    y = check_labels(np.asarray(y), source)
+    if x_test is None:
+        x, x_test, y, y_test = _stratified(x, y, config.test_fraction, seed, "test", source)
+    else:
+        check_features(x_test, source)
+        y_test = check_labels(np.asarray(y_test), source)
+        if x_test.shape[1] != x.shape[1]:
+            raise DataError(
+                f"{source}: test examples have {x_test.shape[1]} features, "
+                f"training examples {x.shape[1]}"
+            )
+    x, y = _limit(x, y, config.train_limit, seed, source)
+    num_classes = int(max(y.max(), y_test.max())) + 1
+    _check_classes(y, num_classes, source)
+    x_train, x_val, y_train, y_val = _stratified(x, y, config.val_fraction, seed, "val", source)
+    mean = x_train.mean(axis=0, dtype=np.float64)
+    std = x_train.std(axis=0, dtype=np.float64)
+    # Constant features (border pixels, say) have std 0: dividing by 1 leaves them at 0.
+    std[std < 1e-8] = 1.0
+    tensors = [
+        torch.from_numpy(np.ascontiguousarray(a))
+        for a in (x_train, y_train, x_val, y_val, x_test, y_test)
+    ]
+    names = names or [str(c) for c in range(num_classes)]
+    return Splits(
+        *tensors,
+        num_classes=num_classes,
+        class_names=list(names[:num_classes]),
+        mean=torch.from_numpy(mean.astype(np.float32)),
+        std=torch.from_numpy(std.astype(np.float32)),
+        source=source,
+        fingerprint=fingerprint(x_train, y_train, x_val, y_val, x_test, y_test),
+    )
