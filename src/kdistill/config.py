@@ -51,7 +51,7 @@ class DataConfig:
         None,
     )
     label: str = _doc("csv only: name of the label column", "label")
-    val_fraction: float = _doc("fraction of the training data held out for validation", 0.1)
+    val_fraction: float = _doc("fraction of the training data held out for validation", 0.2)
     test_fraction: float = _doc(
         "fraction held out for testing when the data has no test split of its own", 0.2
     )
@@ -102,9 +102,9 @@ class TrainConfig:
 class DistillConfig:
     """How the student learns from the teacher."""
 
-    temperature: float = _doc("softmax temperature T for the soft targets, > 0", 4.0)
+    temperature: float = _doc("softmax temperature T for the soft targets, > 0", 2.0)
     alpha: float = _doc(
-        "weight of the soft-target loss in [0, 1]; the hard-label loss gets 1 - alpha", 0.9
+        "weight of the soft-target loss in [0, 1]; the hard-label loss gets 1 - alpha", 0.5
     )
 
 
@@ -252,8 +252,8 @@ def from_dict(raw: Any) -> Config:
             problems.append(f"{key}: unknown section{_suggest(str(key), sections)}")
             continue
         setattr(config, key, _build_section(hints[key], value, key, problems))
-    if not problems:
-        problems.extend(validate(config))
+    # Fields with a wrong type kept their defaults, so value checks still run on the rest.
+    problems.extend(validate(config))
     if problems:
         raise ConfigError(problems)
     return config

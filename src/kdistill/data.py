@@ -203,7 +203,9 @@ def check_labels(y: np.ndarray, source: str) -> np.ndarray:
     as_float = y.astype(np.float64)
     if not np.isfinite(as_float).all() or (as_float != np.round(as_float)).any():
         first = as_float[~np.isfinite(as_float) | (as_float != np.round(as_float))][0]
-        raise DataError(f"{source}: label {first!r} is not an integer; expected integers 0..C-1")
+        raise DataError(
+            f"{source}: label {float(first)!r} is not an integer; expected integers 0..C-1"
+        )
     if (as_float < 0).any():
         raise DataError(
             f"{source}: label {int(as_float.min())} is negative; expected integers 0..C-1"
@@ -275,6 +277,8 @@ def load_splits(config: DataConfig, seed: int) -> Splits:
     x, y, x_test, y_test, source, names = _raw_splits(config, seed)
     check_features(x, source)
     y = check_labels(np.asarray(y), source)
+    # Gaps in the label range are reported before splitting, whose error would be less clear.
+    _check_classes(y, int(y.max()) + 1, source)
     if x_test is None:
         x, x_test, y, y_test = _stratified(x, y, config.test_fraction, seed, "test", source)
     else:
