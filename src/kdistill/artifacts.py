@@ -14,6 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(temporary_path)``, then rename the result to ``path``.
@@ -29,6 +32,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         write(temporary_path)
         with open(temporary_path, "rb+") as stream:
             os.fsync(stream.fileno())
+        # mkstemp creates files readable by the owner only; artifacts are meant to be shared.
+        os.chmod(temporary_path, 0o666 & ~_UMASK)
         os.replace(temporary_path, path)
     except BaseException:
         temporary_path.unlink(missing_ok=True)

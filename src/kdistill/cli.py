@@ -78,6 +78,27 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from kdistill.export import export_run, format_parity
+
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    manifest = export_run(args.run_dir, formats)
+    folder = Path(args.run_dir) / "export"
+    for name, entry in manifest["files"].items():
+        print(f"{folder / name}  {entry['bytes']} bytes  sha256 {entry['sha256'][:16]}")
+    print("\n".join(format_parity(manifest)))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from kdistill.predict import predict_file
+
+    text = predict_file(args.model, args.input, args.output)
+    if args.output is None:
+        sys.stdout.write(text)
+    return 0
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser, config_required: bool) -> None:
     if config_required:
         parser.add_argument("config", help="YAML config file")
@@ -129,6 +150,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="teacher folder (model.safetensors + model.json) or a run folder",
     )
     distill.set_defaults(handler=cmd_distill)
+
+    export = commands.add_parser(
+        "export", help="export a run's student to RUN_DIR/export and check parity"
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR", help="folder of a finished run")
+    export.add_argument(
+        "--formats",
+        default="safetensors,onnx,pt2",
+        help="comma-separated formats out of safetensors, onnx, pt2 (default: all three)",
+    )
+    export.set_defaults(handler=cmd_export)
+
+    predict = commands.add_parser("predict", help="predict classes for new data")
+    predict.add_argument(
+        "model",
+        metavar="MODEL",
+        help="export folder, or its .onnx, .pt2 or .safetensors file "
+        "(.pt2 loading can unpickle: use only trusted .pt2 files)",
+    )
+    predict.add_argument(
+        "input", metavar="INPUT", help="CSV with a header row, .npz with array x, or IDX file"
+    )
+    predict.add_argument(
+        "--output",
+        default=None,
+        help="CSV file for id,class,class_name,prob_* rows (default: standard output)",
+    )
+    predict.set_defaults(handler=cmd_predict)
     return parser
 
 
@@ -136,7 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # With no config file, the first KEY=VALUE lands in the CONFIG slot: move it back.
-    if args.config is not None and "=" in args.config and not Path(args.config).exists():
+    config_argument = getattr(args, "config", None)
+    if (
+        config_argument is not None
+        and "=" in config_argument
+        and not Path(config_argument).exists()
+    ):
         args.overrides.insert(0, args.config)
         args.config = None
         if args.command != "run":
@@ -146,14 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     from kdistill.checkpoint import CheckpointError
     from kdistill.config import ConfigError
     from kdistill.data import DataError
+    from kdistill.export import ExportError
     from kdistill.pipeline import RunError
+    from kdistill.predict import PredictError
 
     try:
         return args.handler(args)
     except ConfigError as error:
         print(f"kdistill: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except (DataError, CheckpointError, RunError) as error:
+    except (DataError, CheckpointError, RunError, ExportError, PredictError) as error:
         print(f"kdistill: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
