@@ -1,7 +1,7 @@
 """Typed configuration: schema, defaults, YAML loading, dotted overrides and validation.
 
-Every field carries its meaning and unit in the ``metadata["doc"]`` of the dataclass field, so
-``kdistill config --help``-style listings and the README table come from one place.
+Every field carries its meaning and unit in the ``metadata["doc"]`` of its dataclass field,
+and ``describe()`` lists them all.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclass
 
 @dataclass
 class DataConfig:
-    """Where the examples come from and how they are split."""
+    """Data source and split settings."""
 
     name: str = _doc(f"dataset: one of {', '.join(DATA_NAMES)}", "digits")
     path: str | None = _doc(
@@ -96,11 +96,17 @@ class TrainConfig:
         "keep the weights of the epoch with the best validation accuracy, not the last", True
     )
     fused: bool = _doc("use the fused optimizer kernel where torch has one", True)
+    bf16: bool = _doc(
+        "bfloat16 autocast for the training forward pass on the CPU; evaluation and the "
+        "teacher's cached logits stay float32. Off by default: benchmarks/README.md shows its "
+        "speed and accuracy",
+        False,
+    )
 
 
 @dataclass
 class DistillConfig:
-    """How the student learns from the teacher."""
+    """Distillation settings: the soft-target temperature and its weight."""
 
     temperature: float = _doc("softmax temperature T for the soft targets, > 0", 2.0)
     alpha: float = _doc(
@@ -110,7 +116,7 @@ class DistillConfig:
 
 @dataclass
 class EvalConfig:
-    """How the comparison is measured."""
+    """Evaluation settings: paired seeds, calibration bins and the interval level."""
 
     seeds: int = _doc("paired seeds: each trains one baseline and one distilled student", 5)
     ece_bins: int = _doc("equal-width confidence bins for the expected calibration error", 15)

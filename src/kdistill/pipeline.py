@@ -1,7 +1,7 @@
 """The whole pipeline: data, teacher, paired baseline and distilled students, metrics, report.
 
 Each model is a stage that writes its weights, history and ``done.json`` into its own folder.
-A resumed run loads finished stages from disk and retrains the rest; every stage seeds its own
+A resumed run loads finished stages from disk and retrains the rest. Every stage seeds its own
 random state, so a resumed run ends with the same bytes as an uninterrupted one.
 """
 
@@ -27,9 +27,6 @@ from kdistill.teachers import freeze, split_logits
 from kdistill.trainer import Hyper, SoftTargets, TrainData, predict_logits, train
 
 log = logging.getLogger(__name__)
-
-METRIC_KEYS = ("accuracy", "nll", "ece", "teacher_agreement")
-
 
 class RunError(ValueError):
     """A run that cannot start or continue, with the reason and the fix."""
@@ -81,6 +78,7 @@ def hyper_for(config: Config, teacher: bool) -> Hyper:
         schedule=train_config.schedule,
         keep_best=train_config.keep_best,
         fused=train_config.fused,
+        bf16=train_config.bf16,
     )
 
 
@@ -160,7 +158,7 @@ def train_stage(
     soft: SoftTargets | None = None,
     val_reference: torch.Tensor | None = None,
 ) -> list[dict]:
-    """Train ``model`` unless ``folder`` holds a finished copy; return its epoch history."""
+    """Train ``model`` unless ``folder`` contains a finished copy; return its epoch history."""
     if _stage_done(folder):
         log.info("%s: finished earlier, loading %s", name, folder)
         return _load_stage(folder, model)
