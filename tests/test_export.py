@@ -303,3 +303,15 @@ def test_empty_formats_write_nothing(exported, splits, tmp_path):
     model, _, _ = exported
     assert export(model, tmp_path / "export", splits, formats=[]) == {}
     assert not (tmp_path / "export").exists()
+
+
+def test_tolerance_scales_with_large_logits(splits, tmp_path):
+    model = make_student(splits)
+    with torch.no_grad():
+        model.net[-1].weight.mul_(1000.0)  # logits in the thousands
+    manifest = export(model, tmp_path / "export", splits, formats=["onnx"])
+    parity = manifest["parity"]
+    assert parity["max_abs_logit"] > 100
+    assert parity["effective_tolerance"] == pytest.approx(1e-5 * parity["max_abs_logit"])
+    worst = max(c["max_abs_diff"] for c in parity["max_abs_diff"]["onnx"])
+    assert worst <= parity["effective_tolerance"]
