@@ -23,7 +23,7 @@ from kdistill import config as config_module
 from kdistill.data import load_splits
 from kdistill.metrics import accuracy
 from kdistill.models import build_model, model_spec
-from kdistill.pipeline import eval_seeds, hyper_for
+from kdistill.pipeline import eval_seeds, hyper_for, load_teacher
 from kdistill.teachers import split_logits
 from kdistill.trainer import SoftTargets, TrainData, predict_logits, train
 
@@ -40,6 +40,11 @@ def main() -> None:
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.9])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--output", default=None, help="write the table as JSON here")
+    parser.add_argument(
+        "--teacher",
+        default=None,
+        help="reuse a saved teacher (a run folder or teacher folder) instead of training one",
+    )
     args = parser.parse_args()
 
     cfg = config_module.load(args.config, args.overrides)
@@ -47,13 +52,15 @@ def main() -> None:
     splits = load_splits(cfg.data, cfg.run.seed)
     data = TrainData(splits.x_train, splits.y_train, splits.x_val, splits.y_val)
 
-    # teacher, trained once exactly as `kdistill run` trains it
+    # teacher, trained once exactly as `kdistill run` trains it, or loaded
     started = time.perf_counter()
-    torch.manual_seed(cfg.run.seed)
-    teacher = build_model(
-        model_spec(cfg.teacher, splits.num_features, splits.num_classes), splits.mean, splits.std
-    )
-    train(teacher, data, hyper_for(cfg, True), cfg.run.seed, "teacher")
+    if args.teacher:
+        teacher = load_teacher(args.teacher, splits, cfg)
+    else:
+        torch.manual_seed(cfg.run.seed)
+        spec = model_spec(cfg.teacher, splits.num_features, splits.num_classes)
+        teacher = build_model(spec, splits.mean, splits.std)
+        train(teacher, data, hyper_for(cfg, True), cfg.run.seed, "teacher")
     logits = split_logits(teacher, splits)
     print(
         f"teacher val accuracy {accuracy(logits['val'], splits.y_val):.4f} "

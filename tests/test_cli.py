@@ -206,3 +206,28 @@ def test_train_teacher_then_distill(tmp_path):
     )
     assert second.returncode == 0, second.stderr
     assert "verdict:" in second.stdout
+
+
+def test_export_refreshes_run_manifest(finished_run, tmp_path):
+    folder, _ = finished_run
+    result = kdistill_cli("export", str(folder), "--formats", "safetensors,onnx", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "parity" in result.stdout
+    manifest = json.loads((folder / "manifest.json").read_text())
+    onnx_entry = manifest["files"]["export/student.onnx"]
+    assert onnx_entry["sha256"] == kdistill.artifacts.sha256_file(folder / "export/student.onnx")
+
+
+def test_resume_without_out_rejected(tmp_path):
+    result = kdistill_cli("run", "--resume", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--resume needs --out" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_out_pointing_at_file_rejected(tmp_path):
+    (tmp_path / "taken.txt").write_text("keep me")
+    result = kdistill_cli("run", *FAST, "--out", str(tmp_path / "taken.txt"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "is a file" in result.stderr
+    assert (tmp_path / "taken.txt").read_text() == "keep me"

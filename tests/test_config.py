@@ -128,3 +128,26 @@ def test_resolved_config_round_trips(tmp_path):
 def test_every_field_documented():
     for key, _default, doc in config.describe():
         assert doc, key
+
+
+def test_exponent_without_dot_is_a_number():
+    assert config.load(None, ["train.lr=1e-3"]).train.lr == 0.001
+
+
+def test_infinite_value_rejected():
+    problems = problems_of({"distill": {"temperature": float("inf")}})
+    assert problems == ["distill.temperature: expected a finite number, got inf"]
+
+
+def test_non_utf8_file_named(tmp_path):
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        config.load(path)
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  epochs: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        config.load(path)

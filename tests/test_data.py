@@ -219,3 +219,28 @@ def test_train_limit_is_stratified(tmp_path):
     splits = load_splits(DataConfig(train_limit=500), seed=0)
     assert splits.sizes()["train"] + splits.sizes()["val"] == 500
     assert torch.bincount(splits.y_train).min() > 0
+
+
+def test_idx_truncated_gzip_named(tmp_path):
+    make_idx_folder(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        read_idx(path)
+
+
+def test_npz_not_a_zip_named(tmp_path):
+    path = tmp_path / "d.npz"
+    path.write_bytes(b"PK\x03\x04garbage")
+    with pytest.raises(DataError, match="cannot read as .npz"):
+        load_splits(DataConfig(name="npz", path=str(path)), seed=0)
+
+
+def test_npz_row_mismatch_named(tmp_path):
+    with pytest.raises(DataError, match="x has 90 rows but y has 80 labels"):
+        load_splits(npz(tmp_path, np.zeros((90, 3)), np.arange(80) % 3), seed=0)
+
+
+def test_labels_from_one_get_hint(tmp_path):
+    with pytest.raises(DataError, match="subtract 1"):
+        load_splits(npz(tmp_path, np.zeros((90, 3)), np.arange(90) % 3 + 1), seed=0)

@@ -102,3 +102,11 @@ def test_one_seed_makes_no_claim():
     interval = paired_interval([0.9], [0.8])
     assert math.isinf(interval.high)
     assert "no claim" in verdict(interval)
+
+
+def test_nll_line_lower_is_gain():
+    from kdistill.metrics import nll_line
+
+    interval = paired_interval([0.30, 0.31, 0.29], [0.50, 0.52, 0.51])
+    assert "lowered NLL" in nll_line(interval)
+    assert "-0.2100 nats" in nll_line(interval)

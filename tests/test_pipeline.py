@@ -170,3 +170,27 @@ def test_predict_logits_restores_training_flag():
     model.train()
     trainer.predict_logits(model, torch.zeros(4, 3))
     assert model.training
+
+
+def test_teacher_from_other_split_rejected(tmp_path):
+    folder = train_teacher_only(small_config("run.seed=0"), tmp_path / "teacher-run")
+    with pytest.raises(RunError, match="run.seed"):
+        run_pipeline(small_config("run.seed=1"), tmp_path / "run", teacher_path=str(folder))
+
+
+def test_divergence_stops_before_saving(tmp_path):
+    from kdistill.trainer import DivergenceError
+
+    cfg = small_config("train.optimizer=sgd", "train.lr=1e30", "train.schedule=constant")
+    with pytest.raises(DivergenceError, match="lower train.lr"):
+        run_pipeline(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "teacher" / "done.json").exists()
+
+
+def test_one_seed_gives_json_null_bounds(tmp_path):
+    run_pipeline(small_config("eval.seeds=1"), tmp_path / "run")
+    text = (tmp_path / "run" / "metrics.json").read_text()
+    assert "Infinity" not in text
+    saved = json.loads(text)
+    assert saved["comparison"]["low"] is None
+    assert saved["models"]["student"]["accuracy_std"] is None

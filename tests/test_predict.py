@@ -278,3 +278,28 @@ def test_cli_predict_stdout_and_error(exported, splits, tmp_path, capsys):
     assert "kdistill: error:" in captured.err
     assert "(rows, 64)" in captured.err
     assert "Traceback" not in captured.err
+
+
+def test_output_equal_to_input_rejected(exported, splits, tmp_path):
+    _, folder = exported
+    source = tmp_path / "x.npz"
+    np.savez(source, x=splits.x_test[:5].numpy())
+    before = source.read_bytes()
+    with pytest.raises(PredictError, match="is the input file"):
+        predict_file(folder, source, source)
+    assert source.read_bytes() == before
+
+
+def test_output_folder_rejected(exported, splits, tmp_path):
+    _, folder = exported
+    source = write_csv(tmp_path / "input.csv", splits.x_test[:5].numpy())
+    with pytest.raises(PredictError, match="is a folder"):
+        predict_file(folder, source, tmp_path)
+
+
+def test_csv_without_header_rejected(splits, tmp_path):
+    path = tmp_path / "noheader.csv"
+    rows = splits.x_test[:3].numpy()
+    path.write_text("\n".join(",".join(str(float(v)) for v in row) for row in rows) + "\n")
+    with pytest.raises(PredictError, match="header row is missing"):
+        read_input(path, 64)

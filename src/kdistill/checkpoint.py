@@ -74,6 +74,8 @@ def save_model(
 
 def _locate(path: Path) -> tuple[Path, Path]:
     """Return (weights, model.json) for a folder or a .safetensors file."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: not found; pass a model folder or its .safetensors file")
     if path.is_dir():
         for name in WEIGHT_NAMES:
             if (path / name).is_file():

@@ -46,6 +46,7 @@ def _print_summary(metrics: dict, folder: Path) -> None:
     print(text_table(metrics))
     print()
     print(f"verdict: {metrics['comparison']['verdict']}")
+    print(f"         {metrics['comparison']['nll']['verdict']}")
     print(f"run folder: {folder}  (report: {folder / 'report.html'})")
 
 
@@ -195,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         args.config = None
         if args.command != "run":
             parser.error(f"{args.command} needs a CONFIG file before any KEY=VALUE override")
+    if getattr(args, "resume", False) and not args.out:
+        parser.error("--resume needs --out RUN_DIR, the folder of the run to continue")
     _setup_logging(args.verbose)
 
     from kdistill.checkpoint import CheckpointError
@@ -203,14 +206,38 @@ def main(argv: list[str] | None = None) -> int:
     from kdistill.export import ExportError
     from kdistill.pipeline import RunError
     from kdistill.predict import PredictError
+    from kdistill.trainer import DivergenceError
 
     try:
         return args.handler(args)
     except ConfigError as error:
         print(f"kdistill: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except (DataError, CheckpointError, RunError, ExportError, PredictError) as error:
+    except (
+        DataError,
+        CheckpointError,
+        RunError,
+        ExportError,
+        PredictError,
+        DivergenceError,
+    ) as error:
         print(f"kdistill: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except RuntimeError as error:
+        if "allocate" not in str(error):
+            raise
+        print(
+            f"kdistill: error: out of memory ({error}); use smaller teacher.hidden or "
+            "student.hidden, or a smaller train.batch_size",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    except MemoryError:
+        print(
+            "kdistill: error: out of memory; use smaller teacher.hidden or student.hidden, "
+            "or a smaller train.batch_size",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("kdistill: interrupted; continue with --resume and the same --out", file=sys.stderr)

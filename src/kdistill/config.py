@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -178,8 +180,11 @@ class Config:
 # step: reading raw mappings into dataclasses, collecting problems instead of stopping at one
 
 
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _type_name(annotation: Any) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    names = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         parts = [_type_name(a) for a in typing.get_args(annotation) if a is not type(None)]
@@ -209,7 +214,11 @@ def _coerce(value: Any, annotation: Any) -> tuple[bool, Any]:
     if annotation is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if annotation is float:
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            # YAML 1.1 reads 1e-3 (no dot) as a string; it is a number to every reader.
+            value = float(value)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = ok and math.isfinite(value)
         return ok, float(value) if ok else value
     if annotation is str:
         return isinstance(value, str), value
@@ -437,8 +446,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError([f"config file not found: {path}"])
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text; save the config as UTF-8 YAML"]) from None
     except yaml.YAMLError as error:
-        raise ConfigError([f"{path}: not valid YAML ({error})"]) from None
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError([f"{path}: not valid YAML{line}: {problem}"]) from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

@@ -11,6 +11,8 @@ import gzip
 import hashlib
 import logging
 import struct
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,11 +68,16 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as handle:
             content = handle.read()
-    except OSError as error:
-        raise DataError(f"{path}: cannot read IDX file ({error})") from None
+    except (OSError, EOFError, zlib.error) as error:
+        # gzip raises EOFError for a truncated archive and BadGzipFile (an OSError) for junk.
+        raise DataError(f"{path}: cannot read IDX file, truncated or corrupt ({error})") from None
     if len(content) < 4 or content[0] != 0 or content[1] != 0:
         raise DataError(f"{path}: not an IDX file (bad magic number)")
     dtype_code, ndim = content[2], content[3]
+    if not 1 <= ndim <= 4:
+        raise DataError(
+            f"{path}: IDX magic number says {ndim} dimensions; expected 1 (labels) or 3 (images)"
+        )
     dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if dtype_code not in dtypes:
         raise DataError(f"{path}: unknown IDX element type 0x{dtype_code:02x}")
@@ -170,10 +177,12 @@ def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
                     "Save the features as 'x' and the labels as 'y'"
                 )
             x, y = archive["x"], archive["y"]
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
         if isinstance(error, DataError):
             raise
         raise DataError(f"{path}: cannot read as .npz ({error})") from None
+    if len(x) != len(y):
+        raise DataError(f"{path}: x has {len(x)} rows but y has {len(y)} labels")
     if x.ndim < 2:
         raise DataError(f"{path}: x has shape {x.shape}; expected (examples, features...)")
     if not np.issubdtype(x.dtype, np.number):
@@ -217,9 +226,14 @@ def _check_classes(y_train: np.ndarray, num_classes: int, source: str) -> None:
     counts = np.bincount(y_train, minlength=num_classes)
     empty = [c for c in range(num_classes) if counts[c] == 0]
     if empty:
+        shown = str(empty) if len(empty) <= 10 else f"[{', '.join(map(str, empty[:10]))}, ...]"
+        hint = ""
+        if empty == [0]:
+            hint = " Labels seem to start at 1: subtract 1 so that they run 0..C-1."
         raise DataError(
-            f"{source}: class(es) {empty} have no training example, but labels go up to "
-            f"{num_classes - 1}; labels must be 0..C-1 with every class present in training"
+            f"{source}: class(es) {shown} have no training example, but labels go up to "
+            f"{num_classes - 1}; labels must be 0..C-1 with every class present in training."
+            f"{hint}"
         )
 
 

@@ -1,9 +1,9 @@
 r"""Distillation losses over explicit logit tensors.
 
-Knowledge distillation as in Hinton, Vinyals and Dean, "Distilling the Knowledge in a Neural
-Network" (2015): the student matches the teacher's softmax at temperature T, and the soft term
-is multiplied by T^2 so that its gradients keep the same scale as the hard-label term when T
-changes.
+Knowledge distillation after Hinton, Vinyals and Dean, "Distilling the Knowledge in a Neural
+Network" (2015). The student matches the teacher's softmax at temperature T. The soft term is
+multiplied by T^2, because the gradients of the softened softmax shrink as 1/T^2, and the
+factor keeps them on the scale of the hard-label term when T changes.
 """
 
 from __future__ import annotations

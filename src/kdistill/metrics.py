@@ -11,7 +11,7 @@ from scipy import stats
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction in [0, 1] of rows whose argmax equals the label."""
+    """Return the fraction in [0, 1] of rows whose argmax equals the label."""
     return float((logits.argmax(dim=1) == labels).float().mean())
 
 
@@ -23,7 +23,7 @@ def nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
 def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
     """ECE over equal-width confidence bins: sum_b |B_b|/N * |accuracy_b - confidence_b|.
 
-    Bin b holds the rows whose top-class probability falls in (b/bins, (b+1)/bins]; the first
+    Bin b contains the rows whose top-class probability falls in (b/bins, (b+1)/bins]; the first
     bin also takes a confidence of exactly 0, which cannot occur for a softmax.
     """
     probabilities = logits.double().softmax(dim=1)
@@ -77,7 +77,13 @@ class PairedInterval:
         return self.low > 0 or self.high < 0
 
     def to_dict(self) -> dict:
+        """Return JSON-ready fields; with one seed the ends are None, as JSON has no inf."""
         result = asdict(self)
+        for key in ("low", "high"):
+            if not math.isfinite(result[key]):
+                result[key] = None
+        if len(self.differences) < 2:
+            result["std"] = None
         result["excludes_zero"] = self.excludes_zero
         return result
 
@@ -104,7 +110,7 @@ def paired_interval(
 
 
 def verdict(interval: PairedInterval, metric: str = "accuracy") -> str:
-    """One line that states the measured gain and whether the interval excludes zero."""
+    """Describe the measured gain in one line and whether its interval excludes zero."""
     points = 100 * interval.mean
     low, high = 100 * interval.low, 100 * interval.high
     span = f"{100 * interval.confidence:.0f}% CI [{low:+.2f}, {high:+.2f}]"
@@ -117,6 +123,21 @@ def verdict(interval: PairedInterval, metric: str = "accuracy") -> str:
     if interval.high < 0:
         return f"{head}: distillation hurt (the interval excludes zero)"
     return f"{head}: no significant gain (the interval includes zero)"
+
+
+def nll_line(interval: PairedInterval) -> str:
+    """Describe the paired NLL difference in one line; lower is better, so negative is a gain."""
+    low, high = interval.low, interval.high
+    span = f"{100 * interval.confidence:.0f}% CI [{low:+.4f}, {high:+.4f}]"
+    if len(interval.differences) < 2:
+        outcome = "one seed gives no interval"
+    elif high < 0:
+        outcome = "distillation lowered NLL (the interval excludes zero)"
+    elif low > 0:
+        outcome = "distillation raised NLL (the interval excludes zero)"
+    else:
+        outcome = "no significant change (the interval includes zero)"
+    return f"distilled - baseline NLL: {interval.mean:+.4f} nats, {span}: {outcome}"
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

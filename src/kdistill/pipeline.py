@@ -8,6 +8,7 @@ random state, so a resumed run ends with the same bytes as an uninterrupted one.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kdistill import artifacts, checkpoint
@@ -27,6 +29,7 @@ from kdistill.teachers import freeze, split_logits
 from kdistill.trainer import Hyper, SoftTargets, TrainData, predict_logits, train
 
 log = logging.getLogger(__name__)
+
 
 class RunError(ValueError):
     """A run that cannot start or continue, with the reason and the fix."""
@@ -88,6 +91,8 @@ def hyper_for(config: Config, teacher: bool) -> Hyper:
 def prepare_folder(config: Config, folder: Path, resume: bool) -> None:
     """Create the run folder, or check that a resumed one was made by the same config."""
     saved = folder / "config.yaml"
+    if folder.exists() and not folder.is_dir():
+        raise RunError(f"--out {folder} is a file, not a folder; choose a folder for the run")
     if folder.exists() and any(folder.iterdir()):
         if not resume:
             raise RunError(
@@ -174,21 +179,46 @@ def teacher_stage(run: Run, teacher_path: str | None) -> tuple[Classifier, dict]
     config, splits = run.config, run.splits
     folder = run.folder / "teacher"
     if teacher_path is not None:
-        teacher = load_teacher(teacher_path, splits)
+        teacher = load_teacher(teacher_path, splits, config).to(run.device)
         history: list[dict] = []
     else:
         torch.manual_seed(config.run.seed)
         spec = model_spec(config.teacher, splits.num_features, splits.num_classes)
-        teacher = build_model(spec, splits.mean, splits.std)
+        teacher = build_model(spec, splits.mean, splits.std).to(run.device)
         history = train_stage(
             run, folder, teacher, hyper_for(config, True), config.run.seed, "teacher"
         )
     freeze(teacher)
-    logits = _cached_logits(folder, teacher, splits)
+    logits = {k: v.to(run.device) for k, v in _cached_logits(folder, teacher, splits).items()}
     return teacher, {"history": history, "logits": logits}
 
 
-def load_teacher(path: str | Path, splits: Splits) -> Classifier:
+def _check_teacher_split(path: Path, config: Config | None) -> None:
+    """Reject a teacher trained on another split, whose training data may be our test split."""
+    if config is None:
+        return
+    trained = checkpoint.read_description(
+        path / "model.json" if path.is_dir() else path.parent / "model.json"
+    ).get("config")
+    if not trained:
+        log.warning("teacher %s records no config, so its split cannot be checked", path)
+        return
+    current = config.to_dict()
+    differences = [
+        f"data.{key}" for key in current["data"]
+        if trained.get("data", {}).get(key) != current["data"][key]
+    ]  # fmt: skip
+    if trained.get("run", {}).get("seed") != current["run"]["seed"]:
+        differences.append("run.seed")
+    if differences:
+        raise RunError(
+            f"teacher {path} was trained with other {', '.join(differences)}, so its training "
+            "data may overlap this run's validation or test split; use the same data and "
+            "run.seed settings as the teacher's run"
+        )
+
+
+def load_teacher(path: str | Path, splits: Splits, config: Config | None = None) -> Classifier:
     """Load a saved teacher and check it fits the data's feature and class counts."""
     path = Path(path)
     if path.is_dir() and (path / "teacher").is_dir() and not (path / "model.json").is_file():
@@ -205,17 +235,39 @@ def load_teacher(path: str | Path, splits: Splits) -> Classifier:
             f"teacher {path} predicts {spec['num_classes']} classes but the data has "
             f"{splits.num_classes}; teacher and student class counts must agree"
         )
+    _check_teacher_split(path, config)
     return teacher
 
 
+def _weights_digest(model: Classifier) -> str:
+    digest = hashlib.sha256()
+    for key, tensor in checkpoint.clean_state_dict(model).items():
+        digest.update(key.encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _cached_logits(folder: Path, teacher: Classifier, splits: Splits) -> dict[str, torch.Tensor]:
+    """Return the teacher's logits from the cache, or compute and cache them.
+
+    The cache records the digest of the teacher's weights, so a different teacher in the same
+    folder never reuses stale logits.
+    """
     cache = folder / "logits.safetensors"
+    digest = _weights_digest(teacher)
     if cache.is_file():
+        with safe_open(str(cache), framework="pt") as stored:
+            recorded = (stored.metadata() or {}).get("teacher_sha256")
         logits = load_file(str(cache))
-        if all(logits[k].shape[0] == n for k, n in splits.sizes().items()):
+        sizes_match = all(
+            k in logits and logits[k].shape[0] == n for k, n in splits.sizes().items()
+        )
+        if recorded == digest and sizes_match:
             return logits
     logits = split_logits(teacher, splits)
-    artifacts.atomic_write(cache, lambda tmp: save_file(logits, str(tmp)))
+    on_cpu = {k: v.cpu().contiguous() for k, v in logits.items()}
+    metadata = {"teacher_sha256": digest}
+    artifacts.atomic_write(cache, lambda tmp: save_file(on_cpu, str(tmp), metadata=metadata))
     return logits
 
 
@@ -224,7 +276,7 @@ def student_pair(run: Run, teacher_logits: dict, seed: int) -> dict[str, Any]:
     config, splits = run.config, run.splits
     spec = model_spec(config.student, splits.num_features, splits.num_classes)
     torch.manual_seed(seed)
-    initial = build_model(spec, splits.mean, splits.std)
+    initial = build_model(spec, splits.mean, splits.std).to(run.device)
     hyper = hyper_for(config, False)
     reference = teacher_logits["val"].argmax(dim=1)
     soft = SoftTargets(teacher_logits["train"], config.distill.temperature, config.distill.alpha)
@@ -249,6 +301,7 @@ def _setup(config: Config, folder: Path, resume: bool) -> Run:
     torch.set_num_threads(config.threads())
     run = Run(config, Path(folder), device=resolve_device(config.run.device))
     run.splits = load_splits(config.data, config.run.seed)  # bad data fails before any write
+    _to_device(run.splits, run.device)
     prepare_folder(config, run.folder, resume)
     sizes = run.splits.sizes()
     log.info(
@@ -257,6 +310,14 @@ def _setup(config: Config, folder: Path, resume: bool) -> Run:
         run.splits.num_features, run.splits.num_classes, torch.get_num_threads(),
     )  # fmt: skip
     return run
+
+
+def _to_device(splits: Splits, device: torch.device) -> None:
+    """Move the example tensors to ``device``; mean and std stay on the CPU until copied."""
+    # NOTE: only the CPU path is tested here; on CUDA, results are deterministic only as far
+    # as the GPU kernels are.
+    for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+        setattr(splits, name, getattr(splits, name).to(device))
 
 
 def train_teacher_only(config: Config, folder: Path, resume: bool = False) -> Path:

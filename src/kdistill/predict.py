@@ -221,6 +221,11 @@ def _read_csv(path: Path, num_features: int, label_column: str | None) -> np.nda
     if not rows:
         raise PredictError(f"{path}: empty file; expected a header row and data rows")
     header, body = rows[0], rows[1:]
+    if all(_is_number(name) for name in header):
+        raise PredictError(
+            f"{path}: the first line {header[:4]}... is all numbers, so the header row is "
+            "missing; add a header line with one name per column"
+        )
     keep = [i for i, name in enumerate(header) if name != label_column]
     if len(keep) != num_features:
         dropped = (
@@ -239,6 +244,14 @@ def _read_csv(path: Path, num_features: int, label_column: str | None) -> np.nda
     except ValueError:
         _raise_first_non_number(path, header, body, keep, num_features)
     return values.reshape(len(body), num_features).astype(np.float32)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _raise_first_non_number(
@@ -260,7 +273,7 @@ def _raise_first_non_number(
 def _read_npz(path: Path) -> np.ndarray:
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise PredictError(f"{path}: failed to read as .npz ({error})") from None
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise PredictError(
@@ -343,6 +356,8 @@ def predict_file(
 
     The text is also written atomically to ``output`` when one is given.
     """
+    if output is not None:
+        _check_output(Path(output), Path(input_path))
     predictor = open_model(model_path)
     x = read_input(input_path, predictor.num_features, predictor.label_column)
     logits = predictor.logits(x)
@@ -351,3 +366,12 @@ def predict_file(
         artifacts.write_text(output, text)
         log.info("wrote %d predictions to %s", len(x), output)
     return text
+
+
+def _check_output(output: Path, input_path: Path) -> None:
+    if output.is_dir():
+        raise PredictError(f"--output {output} is a folder; give a file name such as out.csv")
+    if output.exists() and input_path.exists() and output.resolve() == input_path.resolve():
+        raise PredictError(
+            f"--output {output} is the input file; writing there would destroy the input"
+        )

@@ -44,7 +44,7 @@ HEADER = ["model", "test accuracy", "NLL", "ECE", "teacher agreement", "params"]
 
 
 def text_table(metrics: dict[str, Any]) -> str:
-    """The comparison as aligned plain text, for the terminal."""
+    """Render the comparison as aligned plain text for the terminal."""
     rows = [HEADER, *comparison_rows(metrics)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
@@ -120,6 +120,7 @@ def markdown_report(metrics: dict[str, Any], config: Config) -> str:
         markdown_table(metrics),
         "",
         f"**Verdict:** {comparison['verdict']}.",
+        f"{comparison['nll']['verdict']}.",
         f"Interval method: {comparison['method']}.",
         "",
         "## Per seed (test accuracy)",
@@ -164,6 +165,7 @@ def html_report(metrics: dict[str, Any], plots: list[Path]) -> str:
         f"<h1>kdistill run report</h1><p>{html.escape(metrics['data']['source'])}</p>"
         f"{_html_table(markdown_table(metrics))}"
         f"<p><b>Verdict:</b> {html.escape(comparison['verdict'])}.<br>"
+        f"{html.escape(comparison['nll']['verdict'])}.<br>"
         f"Interval method: {html.escape(comparison['method'])}.</p>"
         f"<h2>Per seed (test accuracy)</h2>{_html_table(_per_seed_table(metrics))}"
         f"<h2>Curves</h2>{images}</body></html>\n"

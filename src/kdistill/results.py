@@ -11,7 +11,7 @@ import sklearn
 import torch
 
 from kdistill import __version__, artifacts
-from kdistill.metrics import mean_std, paired_interval, verdict
+from kdistill.metrics import mean_std, nll_line, paired_interval, verdict
 
 SUMMARY_KEYS = ("accuracy", "nll", "ece", "teacher_agreement", "val_accuracy")
 
@@ -23,6 +23,8 @@ def summarize_model(per_seed: list[dict[str, Any]], params: int) -> dict[str, An
         values = [row[key] for row in per_seed if row.get(key) is not None]
         if values:
             summary[key], summary[f"{key}_std"] = mean_std(values)
+            if len(values) < 2:
+                summary[f"{key}_std"] = None  # a sample std needs two seeds
     summary["params"] = params
     summary["per_seed"] = per_seed
     return summary
@@ -65,7 +67,7 @@ def build_metrics(
             "control": "baseline",
             **interval.to_dict(),
             "verdict": verdict(interval),
-            "nll": nll_interval.to_dict(),
+            "nll": {**nll_interval.to_dict(), "verdict": nll_line(nll_interval)},
         },
         "exported_seed": choose_export_seed(student),
         **context,

@@ -24,7 +24,7 @@ def split_logits(model: nn.Module, splits) -> dict[str, torch.Tensor]:
     """Compute the frozen teacher's logits on every split, once.
 
     Without augmentation the training inputs never change, so these logits are the same in
-    every epoch; caching them makes a distilled epoch cost about as much as a baseline epoch.
+    every epoch. Caching them makes a distilled epoch cost about as much as a baseline epoch.
     """
     freeze(model)
     return {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +31,10 @@ EVAL_CHUNK = 16384  # examples per forward pass at evaluation; large chunks amor
 # from it, and its steps took 50 to 100 times as long while another process kept both cores
 # busy.
 MIN_STEP_FLOPS_PER_THREAD = 2**25
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a NaN or infinite loss; the model is not saved."""
 
 
 @dataclass
@@ -225,7 +230,7 @@ def _epoch_means(
     soft: _Soft | None, ce_parts: list, cross_parts: list, count: int, batch_size: int
 ) -> torch.Tensor:
     """Weight each batch's mean by its size (only the last batch may be short)."""
-    weights = torch.full((len(ce_parts),), float(batch_size))
+    weights = torch.full((len(ce_parts),), float(batch_size), device=ce_parts[0].device)
     weights[-1] = count - batch_size * (len(ce_parts) - 1)
     ce = (torch.stack(ce_parts) * weights).sum() / count
     if soft is None:
@@ -302,11 +307,17 @@ def _train(
         epoch_start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         model.train()
-        order = torch.randperm(len(data.y_train), generator=order_rng)
+        # The order comes from a CPU generator, so it is the same on every device.
+        order = torch.randperm(len(data.y_train), generator=order_rng).to(data.x_train.device)
         bar = _progress(steps_per_epoch, f"{name} {epoch}/{hyper.epochs}")
         means = _run_epoch(ctx, data, order, hyper.batch_size, bar).tolist()
         if bar is not None:
             bar.close()
+        if not all(math.isfinite(value) for value in means[:2]):
+            raise DivergenceError(
+                f"{name} (seed {seed}): the training loss became {means[0]} in epoch {epoch}; "
+                f"lower train.lr (now {hyper.lr:g}) or check the inputs for extreme values"
+            )
         seconds = time.perf_counter() - epoch_start
 
         # evaluate on validation only; the test split is never read while training
