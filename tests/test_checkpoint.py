@@ -181,3 +181,21 @@ def test_saved_weights_use_plain_names(tmp_path):
     weights = load_file(str(tmp_path / "model.safetensors"))
     assert set(weights) == set(model.state_dict())
     assert all(tensor.is_contiguous() for tensor in weights.values())
+
+
+def test_invalid_model_json_named(tmp_path):
+    from kdistill.checkpoint import CheckpointError, read_description
+
+    path = tmp_path / "model.json"
+    path.write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        read_description(path)
+
+
+def test_future_format_version_rejected(tmp_path):
+    from kdistill.checkpoint import CheckpointError, read_description
+
+    path = tmp_path / "model.json"
+    path.write_text('{"format": "kdistill-model", "format_version": 99}')
+    with pytest.raises(CheckpointError, match="format_version 99 is not supported"):
+        read_description(path)

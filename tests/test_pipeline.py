@@ -88,7 +88,7 @@ def test_resume_after_interrupt_matches_uninterrupted(tmp_path, monkeypatch):
 
 def test_resume_rejects_other_config(tmp_path):
     run_pipeline(small_config(), tmp_path / "run")
-    with pytest.raises(RunError, match="differs from the requested config"):
+    with pytest.raises(RunError, match="differs from the requested config in distill.temperature;"):
         run_pipeline(small_config("distill.temperature=8"), tmp_path / "run", resume=True)
 
 

@@ -95,9 +95,18 @@ def read_description(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; it describes the architecture next to the weights")
-    description = read_json(path)
+    try:
+        description = read_json(path)
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(description, dict) or description.get("format") != MODEL_FORMAT:
         raise CheckpointError(f"{path}: not a kdistill model description")
+    version = description.get("format_version")
+    if version != 1:
+        raise CheckpointError(
+            f"{path}: format_version {version!r} is not supported (this kdistill reads 1); "
+            "upgrade kdistill or re-export the model"
+        )
     return description
 
 

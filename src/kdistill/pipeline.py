@@ -101,10 +101,16 @@ def prepare_folder(config: Config, folder: Path, resume: bool) -> None:
             )
         if not saved.is_file():
             raise RunError(f"{folder} has no config.yaml, so it is not a kdistill run to resume")
-        if from_dict(read_yaml(saved)).to_dict() != config.to_dict():
+        previous = from_dict(read_yaml(saved)).to_dict()
+        requested = config.to_dict()
+        changed = [
+            f"{section}.{key}" for section, values in requested.items()
+            for key, value in values.items() if previous[section][key] != value
+        ]  # fmt: skip
+        if changed:
             raise RunError(
-                f"{saved} differs from the requested config; resume with the same config "
-                "(omit CONFIG to reuse the saved one) or choose another --out"
+                f"{saved} differs from the requested config in {', '.join(changed)}; resume "
+                "with the same config (omit CONFIG to reuse the saved one) or choose another --out"
             )
         log.info("resuming %s", folder)
     folder.mkdir(parents=True, exist_ok=True)
