@@ -303,3 +303,32 @@ def test_csv_without_header_rejected(splits, tmp_path):
     path.write_text("\n".join(",".join(str(float(v)) for v in row) for row in rows) + "\n")
     with pytest.raises(PredictError, match="header row is missing"):
         read_input(path, 64)
+
+
+def test_csv_columns_matched_by_name(splits, tmp_path):
+    from conftest import small_config
+
+    from kdistill.pipeline import run_pipeline
+
+    x, y = splits.x_train.numpy(), splits.y_train.numpy()
+    train_csv = write_csv(tmp_path / "train.csv", x, y)
+    cfg = small_config("data.name=csv", f"data.path={train_csv}",
+                       "export.formats=[safetensors, onnx]")  # fmt: skip
+    run_pipeline(cfg, tmp_path / "run")
+    export = tmp_path / "run" / "export"
+
+    inputs = splits.x_test[:20].numpy()
+    in_order = predict_file(export, write_csv(tmp_path / "ordered.csv", inputs))
+    reversed_path = tmp_path / "reversed.csv"
+    names = [f"pixel{i}" for i in range(64)]
+    with reversed_path.open("w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(names[::-1])
+        for row in inputs:
+            writer.writerow([repr(float(v)) for v in row[::-1]])
+    assert predict_file(export, reversed_path) == in_order
+
+    missing = tmp_path / "missing.csv"
+    missing.write_text(",".join(names[:-1]) + "\n" + ",".join(["0"] * 63) + "\n")
+    with pytest.raises(PredictError, match="missing column\\(s\\) pixel63"):
+        predict_file(export, missing)

@@ -50,6 +50,7 @@ class Splits:
     std: torch.Tensor
     source: str
     fingerprint: str
+    feature_names: list[str] | None = None
 
     @property
     def num_features(self) -> int:
@@ -131,7 +132,7 @@ def _check_rows(x_path: Path, x: np.ndarray, y_path: Path, y: np.ndarray) -> Non
         raise DataError(f"{x_path} has {len(x)} rows but {y_path} has {len(y)} labels")
 
 
-def load_csv(path: Path, label: str) -> tuple[np.ndarray, np.ndarray]:
+def load_csv(path: Path, label: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Read a CSV with a header row: numeric feature columns and one label column."""
     if not path.is_file():
         raise DataError(f"data.path: file not found: {path}")
@@ -161,7 +162,8 @@ def load_csv(path: Path, label: str) -> tuple[np.ndarray, np.ndarray]:
                     f"{text!r} is not a number"
                 ) from None
     features = np.delete(values, label_index, axis=1).astype(np.float32)
-    return features, values[:, label_index]
+    names = [name for i, name in enumerate(header) if i != label_index]
+    return features, values[:, label_index], names
 
 
 def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -258,23 +260,27 @@ def _limit(x, y, limit: int, seed: int, source: str):
 
 
 def _raw_splits(config: DataConfig, seed: int):
-    """Return (x_train, y_train, x_test or None, y_test or None, source, class names)."""
+    """Return (x_train, y_train, x_test or None, y_test or None, source, class names, features).
+
+    ``features`` lists the column names for CSV data and is None for the other formats.
+    """
     if config.name == "digits":
         from sklearn.datasets import load_digits
 
         digits = load_digits()
-        return digits.data.astype(np.float32), digits.target, None, None, "sklearn digits", None
+        x, y = digits.data.astype(np.float32), digits.target
+        return x, y, None, None, "sklearn digits", None, None
     if config.name in ("fashion-mnist", "mnist"):
         folder = Path(config.path or FASHION_MNIST_DIR)
         x_train, y_train, x_test, y_test = load_idx_folder(folder)
         names = FASHION_MNIST_CLASSES if config.name == "fashion-mnist" else None
-        return x_train, y_train, x_test, y_test, str(folder), names
+        return x_train, y_train, x_test, y_test, str(folder), names, None
     path = Path(config.path)
     if config.name == "csv":
-        x, y = load_csv(path, config.label)
-    else:
-        x, y = load_npz(path)
-    return x, y, None, None, str(path), None
+        x, y, features = load_csv(path, config.label)
+        return x, y, None, None, str(path), None, features
+    x, y = load_npz(path)
+    return x, y, None, None, str(path), None, None
 
 
 def fingerprint(*arrays: np.ndarray) -> str:
@@ -288,7 +294,7 @@ def fingerprint(*arrays: np.ndarray) -> str:
 
 def load_splits(config: DataConfig, seed: int) -> Splits:
     """Load, check and split the configured data; standardization comes from train only."""
-    x, y, x_test, y_test, source, names = _raw_splits(config, seed)
+    x, y, x_test, y_test, source, names, feature_names = _raw_splits(config, seed)
     check_features(x, source)
     y = check_labels(np.asarray(y), source)
     # Gaps in the label range are reported before splitting, whose error would be less clear.
@@ -324,4 +330,5 @@ def load_splits(config: DataConfig, seed: int) -> Splits:
         std=torch.from_numpy(std.astype(np.float32)),
         source=source,
         fingerprint=fingerprint(x_train, y_train, x_val, y_val, x_test, y_test),
+        feature_names=feature_names,
     )

@@ -54,9 +54,17 @@ class Classifier(nn.Module):
         return self.net(self.standardize(x))
 
 
-def model_spec(config: ModelConfig, in_features: int, num_classes: int) -> dict[str, Any]:
-    """Describe an architecture as plain JSON-ready values, enough to rebuild it."""
-    return {
+def model_spec(
+    config: ModelConfig,
+    in_features: int,
+    num_classes: int,
+    feature_names: list[str] | None = None,
+) -> dict[str, Any]:
+    """Describe an architecture as plain JSON-ready values, enough to rebuild it.
+
+    ``feature_names`` (CSV column names) let predict match input columns by name.
+    """
+    spec = {
         "arch": "mlp",
         "in_features": int(in_features),
         "num_classes": int(num_classes),
@@ -66,6 +74,9 @@ def model_spec(config: ModelConfig, in_features: int, num_classes: int) -> dict[
         "input_dropout": float(config.input_dropout),
         "batch_norm": bool(config.batch_norm),
     }
+    if feature_names is not None:
+        spec["feature_names"] = list(feature_names)
+    return spec
 
 
 def build_model(

@@ -189,7 +189,9 @@ def teacher_stage(run: Run, teacher_path: str | None) -> tuple[Classifier, dict]
         history: list[dict] = []
     else:
         torch.manual_seed(config.run.seed)
-        spec = model_spec(config.teacher, splits.num_features, splits.num_classes)
+        spec = model_spec(
+            config.teacher, splits.num_features, splits.num_classes, splits.feature_names
+        )
         teacher = build_model(spec, splits.mean, splits.std).to(run.device)
         history = train_stage(
             run, folder, teacher, hyper_for(config, True), config.run.seed, "teacher"
@@ -280,7 +282,7 @@ def _cached_logits(folder: Path, teacher: Classifier, splits: Splits) -> dict[st
 def student_pair(run: Run, teacher_logits: dict, seed: int) -> dict[str, Any]:
     """Train the baseline and the distilled student of one seed from the same initial weights."""
     config, splits = run.config, run.splits
-    spec = model_spec(config.student, splits.num_features, splits.num_classes)
+    spec = model_spec(config.student, splits.num_features, splits.num_classes, splits.feature_names)
     torch.manual_seed(seed)
     initial = build_model(spec, splits.mean, splits.std).to(run.device)
     hyper = hyper_for(config, False)

@@ -47,6 +47,7 @@ class Predictor:
     class_names: list[str]
     label_column: str | None
     logits: Logits
+    feature_names: list[str] | None = None
 
 
 # step: runtimes
@@ -130,6 +131,7 @@ def open_model(path: str | Path) -> Predictor:
         class_names=[str(name) for name in description["class_names"]],
         label_column=(config.get("data") or {}).get("label"),
         logits=logits,
+        feature_names=description["spec"].get("feature_names"),
     )
 
 
@@ -186,10 +188,17 @@ def _verify_against_manifest(folder: Path, files: list[Path]) -> None:
 # step: reading inputs
 
 
-def read_input(path: str | Path, num_features: int, label_column: str | None = None) -> np.ndarray:
+def read_input(
+    path: str | Path,
+    num_features: int,
+    label_column: str | None = None,
+    feature_names: list[str] | None = None,
+) -> np.ndarray:
     """Read raw feature rows as float32 of shape (rows, num_features).
 
-    CSV files need a header row, and a column named ``label_column`` is dropped. NPZ files
+    CSV files need a header row. With ``feature_names`` (a model trained on CSV data) columns
+    are taken by name, in training order; otherwise by position, and a column named
+    ``label_column`` is dropped. NPZ files
     need an array ``x``. IDX files are scaled by 1/255, as training does for IDX images.
     """
     path = Path(path)
@@ -197,7 +206,7 @@ def read_input(path: str | Path, num_features: int, label_column: str | None = N
         raise PredictError(f"{path}: input file not found")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        x = _read_csv(path, num_features, label_column)
+        x = _read_csv(path, num_features, label_column, feature_names)
     elif suffix == ".npz":
         x = _read_npz(path)
     else:
@@ -211,7 +220,9 @@ def _expected(num_features: int) -> str:
     return f"the model expects shape (rows, {num_features}): {num_features} numbers per row"
 
 
-def _read_csv(path: Path, num_features: int, label_column: str | None) -> np.ndarray:
+def _read_csv(
+    path: Path, num_features: int, label_column: str | None, feature_names: list[str] | None
+) -> np.ndarray:
     # utf-8-sig drops the byte order mark that spreadsheet programs put before the header.
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
@@ -227,6 +238,15 @@ def _read_csv(path: Path, num_features: int, label_column: str | None) -> np.nda
             "missing; add a header line with one name per column"
         )
     keep = [i for i, name in enumerate(header) if name != label_column]
+    if feature_names is not None:
+        missing = [name for name in feature_names if name not in header]
+        if missing:
+            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise PredictError(
+                f"{path}: missing column(s) {shown}; the model was trained on the CSV columns "
+                f"{', '.join(feature_names[:5])}{', ...' if len(feature_names) > 5 else ''}"
+            )
+        keep = [header.index(name) for name in feature_names]
     if len(keep) != num_features:
         dropped = (
             f" after dropping the label column '{label_column}'" if len(keep) < len(header) else ""
@@ -359,7 +379,9 @@ def predict_file(
     if output is not None:
         _check_output(Path(output), Path(input_path))
     predictor = open_model(model_path)
-    x = read_input(input_path, predictor.num_features, predictor.label_column)
+    x = read_input(
+        input_path, predictor.num_features, predictor.label_column, predictor.feature_names
+    )
     logits = predictor.logits(x)
     text = format_predictions(softmax(logits), predictor.class_names)
     if output is not None:
