@@ -195,6 +195,7 @@ def test_train_teacher_then_distill(tmp_path):
     )
     assert first.returncode == 0, first.stderr
     assert (tmp_path / "t" / "teacher" / "model.safetensors").is_file()
+    assert (tmp_path / "t" / "manifest.json").is_file()
     second = kdistill_cli(
         "distill",
         str(config_path),
@@ -231,3 +232,11 @@ def test_out_pointing_at_file_rejected(tmp_path):
     assert result.returncode == 2
     assert "is a file" in result.stderr
     assert (tmp_path / "taken.txt").read_text() == "keep me"
+
+
+def test_html_report_states_settings(finished_run):
+    folder, _ = finished_run
+    page = (folder / "report.html").read_text()
+    assert "paired seeds" in page
+    assert "Exported student: seed" in page
+    assert "data:image/png;base64," in page

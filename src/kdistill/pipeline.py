@@ -336,6 +336,11 @@ def train_teacher_only(config: Config, folder: Path, resume: bool = False) -> Pa
         predict_logits(teacher, run.splits.x_test), run.splits.y_test, config.eval.ece_bins
     )
     artifacts.write_json(run.folder / "teacher" / "metrics.json", metrics)
+    from kdistill.results import write_manifest
+
+    splits = run.splits
+    data = {"source": splits.source, "fingerprint": splits.fingerprint, **splits.sizes()}
+    write_manifest(run.folder, config.run.seed, data)
     return run.folder / "teacher"
 
 

@@ -105,17 +105,24 @@ def _plots(folder: Path, histories: list[dict[str, Any]]) -> list[Path]:
     return paths
 
 
-def markdown_report(metrics: dict[str, Any], config: Config) -> str:
-    comparison = metrics["comparison"]
+def _summary_lines(metrics: dict[str, Any], config: Config) -> list[str]:
+    """Describe the data, the distillation settings and the seeds in two sentences."""
     data = metrics["data"]
-    return "\n".join([
-        "# kdistill run report",
-        "",
+    return [
         f"Data: {data['source']} ({data['train']} train, {data['val']} validation, "
         f"{data['test']} test examples, {data['features']} features, {data['classes']} classes).",
         f"Distillation: T = {config.distill.temperature:g}, alpha = {config.distill.alpha:g}; "
         f"{len(metrics['seeds'])} paired seeds. Numbers are on the test split, mean ± std "
         "over seeds.",
+    ]
+
+
+def markdown_report(metrics: dict[str, Any], config: Config) -> str:
+    comparison = metrics["comparison"]
+    return "\n".join([
+        "# kdistill run report",
+        "",
+        *_summary_lines(metrics, config),
         "",
         markdown_table(metrics),
         "",
@@ -150,7 +157,7 @@ def _html_table(markdown: str) -> str:
     return "\n".join(out)
 
 
-def html_report(metrics: dict[str, Any], plots: list[Path]) -> str:
+def html_report(metrics: dict[str, Any], plots: list[Path], config: Config) -> str:
     images = "".join(
         f'<img alt="{p.stem}" src="data:image/png;base64,'
         f'{base64.b64encode(p.read_bytes()).decode()}">'
@@ -162,12 +169,15 @@ def html_report(metrics: dict[str, Any], plots: list[Path]) -> str:
         "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
         "img{max-width:48%}</style></head><body>"
-        f"<h1>kdistill run report</h1><p>{html.escape(metrics['data']['source'])}</p>"
+        "<h1>kdistill run report</h1>"
+        f"<p>{'<br>'.join(html.escape(line) for line in _summary_lines(metrics, config))}</p>"
         f"{_html_table(markdown_table(metrics))}"
         f"<p><b>Verdict:</b> {html.escape(comparison['verdict'])}.<br>"
         f"{html.escape(comparison['nll']['verdict'])}.<br>"
         f"Interval method: {html.escape(comparison['method'])}.</p>"
         f"<h2>Per seed (test accuracy)</h2>{_html_table(_per_seed_table(metrics))}"
+        f"<p>Exported student: seed {metrics['exported_seed']}, chosen on validation "
+        "accuracy.</p>"
         f"<h2>Curves</h2>{images}</body></html>\n"
     )
 
@@ -178,4 +188,4 @@ def write_report(
     """Write report.md, report.html and plots/ into the run folder."""
     plots = _plots(folder, histories)
     artifacts.write_text(folder / "report.md", markdown_report(metrics, config))
-    artifacts.write_text(folder / "report.html", html_report(metrics, plots))
+    artifacts.write_text(folder / "report.html", html_report(metrics, plots, config))
