@@ -77,7 +77,7 @@ def read_idx(path: Path) -> np.ndarray:
     dtype_code, ndim = content[2], content[3]
     if not 1 <= ndim <= 4:
         raise DataError(
-            f"{path}: IDX magic number says {ndim} dimensions; expected 1 (labels) or 3 (images)"
+            f"{path}: IDX magic number gives {ndim} dimensions; expected 1 (labels) or 3 (images)"
         )
     dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if dtype_code not in dtypes:
@@ -88,7 +88,7 @@ def read_idx(path: Path) -> np.ndarray:
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(content) - header != expected:
         raise DataError(
-            f"{path}: IDX header promises shape {shape} ({expected} bytes) but the file holds "
+            f"{path}: IDX header declares shape {shape} ({expected} bytes) but the file contains "
             f"{len(content) - header} bytes; the file is truncated or corrupt"
         )
     return np.frombuffer(content, dtype=dtype, offset=header).reshape(shape)

@@ -196,9 +196,9 @@ def read_input(
 ) -> np.ndarray:
     """Read raw feature rows as float32 of shape (rows, num_features).
 
-    CSV files need a header row. With ``feature_names`` (a model trained on CSV data) columns
-    are taken by name, in training order; otherwise by position, and a column named
-    ``label_column`` is dropped. NPZ files
+    CSV files need a header row. With ``feature_names`` (a model trained on CSV data), columns
+    are taken by name in training order. Otherwise they are taken by position, and a column
+    named ``label_column`` is dropped. NPZ files
     need an array ``x``. IDX files are scaled by 1/255, as training does for IDX images.
     """
     path = Path(path)
