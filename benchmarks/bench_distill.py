@@ -399,8 +399,8 @@ def machine_description() -> str:
     return f"{model}, {cores} cores available, {platform.system()} {platform.release()}"
 
 
-# Facts from torch.profiler runs on the same machine (torch 2.13.0, 2 threads), separate from
-# the timed rounds; they explain the targets this page reports as not met.
+# Facts from torch.profiler runs on the same machine (torch 2.13.0, 2 threads), made apart from
+# the timed rounds. They explain the targets that this page reports as not met.
 NOTES = [
     "## Where the time goes",
     "",
@@ -580,7 +580,10 @@ def main() -> None:
     summary = summarize(measured, args)
     page = render_page(measured, summary, args)
     print(page)
-    readme = args.readme if args.readme is not None else (None if args.quick else README)
+    # A quick run is a smoke check, so it writes the page only where --readme names one.
+    readme = args.readme
+    if readme is None and not args.quick:
+        readme = README
     if readme is not None:
         readme.write_text(page, encoding="utf-8")
         print(f"wrote {readme}", file=sys.stderr)

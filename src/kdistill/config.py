@@ -305,10 +305,7 @@ def _validate_model(problems: list[str], name: str, model: ModelConfig) -> None:
         _check_range(problems, f"{name}.{key}", 0.0 <= value < 1.0, value, "a value in [0, 1)")
 
 
-def validate(config: Config) -> list[str]:
-    """Return every value problem of a type-correct config; empty when it is valid."""
-    problems: list[str] = []
-    data, train, run = config.data, config.train, config.run
+def _validate_data(problems: list[str], data: DataConfig) -> None:
     _check_choice(problems, "data.name", data.name, DATA_NAMES)
     if data.name in ("csv", "npz", "mnist") and not data.path:
         problems.append(f"data.path: required for data.name={data.name}; set data.path=FILE")
@@ -333,8 +330,9 @@ def validate(config: Config) -> list[str]:
         data.train_limit,
         "0 (all) or a positive count",
     )
-    _validate_model(problems, "teacher", config.teacher)
-    _validate_model(problems, "student", config.student)
+
+
+def _validate_train(problems: list[str], train: TrainConfig) -> None:
     _check_range(problems, "train.epochs", train.epochs >= 1, train.epochs, "an integer >= 1")
     if train.teacher_epochs is not None:
         _check_range(
@@ -364,6 +362,16 @@ def validate(config: Config) -> list[str]:
     _check_range(
         problems, "train.weight_decay", train.weight_decay >= 0, train.weight_decay, "a value >= 0"
     )
+
+
+def validate(config: Config) -> list[str]:
+    """Return every value problem of a type-correct config; empty when it is valid."""
+    problems: list[str] = []
+    run = config.run
+    _validate_data(problems, config.data)
+    _validate_model(problems, "teacher", config.teacher)
+    _validate_model(problems, "student", config.student)
+    _validate_train(problems, config.train)
     temperature, alpha = config.distill.temperature, config.distill.alpha
     _check_range(problems, "distill.temperature", temperature > 0, temperature, "a value > 0")
     _check_range(problems, "distill.alpha", 0.0 <= alpha <= 1.0, alpha, "a value in [0, 1]")

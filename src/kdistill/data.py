@@ -148,6 +148,7 @@ def load_csv(path: Path, label: str) -> tuple[np.ndarray, np.ndarray, list[str]]
         )
     if not body:
         raise DataError(f"{path}: no data rows below the header")
+
     label_index = header.index(label)
     values = np.empty((len(body), len(header)), dtype=np.float64)
     for row_number, row in enumerate(body, start=2):
@@ -161,6 +162,7 @@ def load_csv(path: Path, label: str) -> tuple[np.ndarray, np.ndarray, list[str]]
                     f"{path}, line {row_number}, column '{header[column]}': "
                     f"{text!r} is not a number"
                 ) from None
+
     features = np.delete(values, label_index, axis=1).astype(np.float32)
     names = [name for i, name in enumerate(header) if i != label_index]
     return features, values[:, label_index], names
@@ -195,12 +197,21 @@ def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
 # step: checks shared by every format
 
 
-def check_features(x: np.ndarray, source: str) -> None:
+def find_non_finite(x: np.ndarray) -> tuple[int, int, int] | None:
+    """Return (count, row, column) of NaN or infinite values, the first one located, or None."""
     bad = ~np.isfinite(x)
-    if bad.any():
-        row, column = np.argwhere(bad)[0]
+    if not bad.any():
+        return None
+    row, column = np.argwhere(bad)[0]
+    return int(bad.sum()), int(row), int(column)
+
+
+def check_features(x: np.ndarray, source: str) -> None:
+    found = find_non_finite(x)
+    if found is not None:
+        count, row, column = found
         raise DataError(
-            f"{source}: {int(bad.sum())} NaN or infinite feature value(s), first at row {row}, "
+            f"{source}: {count} NaN or infinite feature value(s), first at row {row}, "
             f"column {column}; clean or impute them before training"
         )
 
@@ -228,12 +239,12 @@ def _check_classes(y_train: np.ndarray, num_classes: int, source: str) -> None:
     counts = np.bincount(y_train, minlength=num_classes)
     empty = [c for c in range(num_classes) if counts[c] == 0]
     if empty:
-        shown = str(empty) if len(empty) <= 10 else f"[{', '.join(map(str, empty[:10]))}, ...]"
+        empty_text = str(empty) if len(empty) <= 10 else f"[{', '.join(map(str, empty[:10]))}, ...]"
         hint = ""
         if empty == [0]:
             hint = " Labels seem to start at 1: subtract 1 so that they run 0..C-1."
         raise DataError(
-            f"{source}: class(es) {shown} have no training example, but labels go up to "
+            f"{source}: class(es) {empty_text} have no training example, but labels go up to "
             f"{num_classes - 1}; labels must be 0..C-1 with every class present in training."
             f"{hint}"
         )
@@ -242,12 +253,12 @@ def _check_classes(y_train: np.ndarray, num_classes: int, source: str) -> None:
 # step: assembling the splits
 
 
-def _stratified(x, y, fraction: float, seed: int, what: str, source: str):
+def _stratified(x, y, fraction: float, seed: int, split_name: str, source: str):
     try:
         return train_test_split(x, y, test_size=fraction, random_state=seed, stratify=y)
     except ValueError as error:
         raise DataError(
-            f"{source}: cannot carve a stratified {what} split of {fraction} ({error}); "
+            f"{source}: cannot carve a stratified {split_name} split of {fraction} ({error}); "
             "add examples or change the fraction"
         ) from None
 
@@ -255,8 +266,8 @@ def _stratified(x, y, fraction: float, seed: int, what: str, source: str):
 def _limit(x, y, limit: int, seed: int, source: str):
     if limit <= 0 or limit >= len(y):
         return x, y
-    kept, _, y_kept, _ = _stratified(x, y, 1.0 - limit / len(y), seed, "train_limit", source)
-    return kept, y_kept
+    x_kept, _, y_kept, _ = _stratified(x, y, 1.0 - limit / len(y), seed, "train_limit", source)
+    return x_kept, y_kept
 
 
 def _raw_splits(config: DataConfig, seed: int):
@@ -309,14 +320,17 @@ def load_splits(config: DataConfig, seed: int) -> Splits:
                 f"{source}: test examples have {x_test.shape[1]} features, "
                 f"training examples {x.shape[1]}"
             )
+
     x, y = _limit(x, y, config.train_limit, seed, source)
     num_classes = int(max(y.max(), y_test.max())) + 1
     _check_classes(y, num_classes, source)
     x_train, x_val, y_train, y_val = _stratified(x, y, config.val_fraction, seed, "val", source)
+
     mean = x_train.mean(axis=0, dtype=np.float64)
     std = x_train.std(axis=0, dtype=np.float64)
     # Constant features (border pixels, say) have std 0: dividing by 1 leaves them at 0.
     std[std < 1e-8] = 1.0
+
     tensors = [
         torch.from_numpy(np.ascontiguousarray(a))
         for a in (x_train, y_train, x_val, y_val, x_test, y_test)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from kdistill import artifacts, checkpoint
-from kdistill.data import DataError, read_idx
+from kdistill.data import DataError, find_non_finite, read_idx
 from kdistill.export import DESCRIPTION_NAME, EXPORT_FILES, MANIFEST_FORMAT, MANIFEST_NAME
 
 log = logging.getLogger(__name__)
@@ -241,10 +241,13 @@ def _read_csv(
     if feature_names is not None:
         missing = [name for name in feature_names if name not in header]
         if missing:
-            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            missing_text = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            trained_text = ", ".join(feature_names[:5])
+            if len(feature_names) > 5:
+                trained_text += ", ..."
             raise PredictError(
-                f"{path}: missing column(s) {shown}; the model was trained on the CSV columns "
-                f"{', '.join(feature_names[:5])}{', ...' if len(feature_names) > 5 else ''}"
+                f"{path}: missing column(s) {missing_text}; the model was trained on the CSV "
+                f"columns {trained_text}"
             )
         keep = [header.index(name) for name in feature_names]
     if len(keep) != num_features:
@@ -338,11 +341,11 @@ def _check_shape(x: np.ndarray, num_features: int, path: Path) -> None:
 
 
 def _check_finite(x: np.ndarray, path: Path) -> None:
-    bad = ~np.isfinite(x)
-    if bad.any():
-        row, column = np.argwhere(bad)[0]
+    found = find_non_finite(x)
+    if found is not None:
+        count, row, column = found
         raise PredictError(
-            f"{path}: {int(bad.sum())} NaN or infinite value(s), first at row {row}, "
+            f"{path}: {count} NaN or infinite value(s), first at row {row}, "
             f"column {column}; the model needs finite numbers"
         )
 
