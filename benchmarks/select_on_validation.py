@@ -61,7 +61,7 @@ def main() -> None:
         spec = model_spec(cfg.teacher, splits.num_features, splits.num_classes)
         teacher = build_model(spec, splits.mean, splits.std)
         train(teacher, data, hyper_for(cfg, True), cfg.run.seed, "teacher")
-    logits = split_logits(teacher, splits)
+    logits = split_logits(teacher, splits, cfg.teacher_bf16)
     print(
         f"teacher val accuracy {accuracy(logits['val'], splits.y_val):.4f} "
         f"({time.perf_counter() - started:.0f} s)",

@@ -194,3 +194,29 @@ def test_one_seed_gives_json_null_bounds(tmp_path):
     saved = json.loads(text)
     assert saved["comparison"]["low"] is None
     assert saved["models"]["student"]["accuracy_std"] is None
+
+
+def test_logits_cache_keyed_by_precision(tmp_path):
+    from safetensors import safe_open
+
+    from kdistill import pipeline
+    from kdistill.data import load_splits
+    from kdistill.models import build_model, model_spec
+
+    cfg = small_config()
+    splits = load_splits(cfg.data, cfg.run.seed)
+    torch.manual_seed(0)
+    spec = model_spec(cfg.teacher, splits.num_features, splits.num_classes)
+    teacher = freeze(build_model(spec, splits.mean, splits.std))
+
+    exact = pipeline._cached_logits(tmp_path, teacher, splits, bf16_train=False)
+    rounded = pipeline._cached_logits(tmp_path, teacher, splits, bf16_train=True)
+    with safe_open(str(tmp_path / "logits.safetensors"), framework="pt") as stored:
+        assert stored.metadata()["train_precision"] == "bf16"
+    assert not torch.equal(exact["train"], rounded["train"])
+    torch.testing.assert_close(rounded["train"], exact["train"], rtol=0.02, atol=0.05)
+    # Validation and test logits measure the teacher, so they stay float32.
+    assert torch.equal(exact["test"], rounded["test"])
+    assert torch.equal(exact["val"], rounded["val"])
+    again = pipeline._cached_logits(tmp_path, teacher, splits, bf16_train=True)
+    assert torch.equal(again["train"], rounded["train"])

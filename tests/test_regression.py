@@ -12,12 +12,12 @@ import sys
 import pytest
 
 # Mean test accuracy over the 5 paired seeds, as fractions.
-PINNED_ACCURACY = {"teacher": 0.963889, "baseline": 0.952222, "student": 0.953333}
+PINNED_ACCURACY = {"teacher": 0.963889, "baseline": 0.952222, "student": 0.946111}
 # Accuracy moves by whole test examples (1/360 each), and a different thread count or CPU can
 # flip a few borderline predictions, so the pin allows 1.5 points.
 ACCURACY_TOLERANCE = 0.015
 # Mean training loss of the first epoch of the teacher and of the first seed's students.
-PINNED_FIRST_LOSS = {"teacher": 2.209697, "baseline": 2.345036, "student": 5.473252}
+PINNED_FIRST_LOSS = {"teacher": 2.213114, "baseline": 2.345036, "student": 5.712281}
 
 
 @pytest.fixture(scope="module")

@@ -150,3 +150,61 @@ def test_config_bf16_rejects_non_boolean():
     with pytest.raises(ConfigError) as caught:
         config.from_dict({"train": {"bf16": "yes"}})
     assert any("train.bf16" in problem for problem in caught.value.problems)
+
+
+def test_config_teacher_bf16_follows_bf16_unless_set():
+    both = config.from_dict({"train": {"bf16": True}})
+    assert (hyper_for(both, True).bf16, hyper_for(both, False).bf16) == (True, True)
+    teacher_only = config.from_dict({"train": {"teacher_bf16": True}})
+    assert (hyper_for(teacher_only, True).bf16, hyper_for(teacher_only, False).bf16) == (
+        True,
+        False,
+    )
+    students_only = config.from_dict({"train": {"bf16": True, "teacher_bf16": False}})
+    assert hyper_for(students_only, True).bf16 is False
+
+
+def test_predict_logits_bf16_is_float32_and_close():
+    model = tiny_model()
+    x = blobs(64)[0]
+    exact = predict_logits(model, x)
+    rounded = predict_logits(model, x, bf16=True)
+    assert rounded.dtype == torch.float32
+    assert not torch.equal(rounded, exact)
+    torch.testing.assert_close(rounded, exact, rtol=0.02, atol=0.05)
+
+
+class WholeModel(torch.nn.Module):
+    """Hides ``training_parts``, so the trainer runs the whole model on every batch."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)
+
+
+@pytest.mark.parametrize("block_rows", [8, 24, 4096])
+def test_block_gather_gives_the_bytes_of_per_batch_steps(monkeypatch, block_rows):
+    from kdistill import trainer
+
+    x, y = blobs(100)
+    # A real standardization, so that applying it per block rather than per batch matters.
+    data = TrainData(x * 5 + 3, y, x[:20] * 5 + 3, y[:20])
+    mean, std = data.x_train.mean(0), data.x_train.std(0)
+    soft = SoftTargets(torch.randn(100, 3), temperature=2.0, alpha=0.5)
+    hyper = Hyper(epochs=2, lr=1e-2, batch_size=8, keep_best=False)
+
+    def trained(wrap: bool, rows: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(trainer, "BLOCK_ROWS", rows)
+        torch.manual_seed(0)
+        spec = model_spec(ModelConfig(hidden=[8], dropout=0.2, input_dropout=0.1), 6, 3)
+        model = build_model(spec, mean, std)
+        train(WholeModel(model) if wrap else model, data, hyper, seed=4, name="m", soft=soft)
+        return [p.detach().clone() for p in model.parameters()]
+
+    per_batch = trained(wrap=True, rows=8)
+    blocked = trained(wrap=False, rows=block_rows)
+    for whole, split in zip(per_batch, blocked, strict=True):
+        assert torch.equal(whole, split)

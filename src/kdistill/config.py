@@ -99,10 +99,14 @@ class TrainConfig:
     )
     fused: bool = _doc("use the fused optimizer kernel where torch has one", True)
     bf16: bool = _doc(
-        "bfloat16 autocast for the training forward pass on the CPU; evaluation and the "
-        "teacher's cached logits stay float32. Off by default: benchmarks/README.md shows its "
-        "speed and accuracy",
+        "bfloat16 autocast for the training forward passes; evaluation stays float32. Off by "
+        "default: benchmarks/README.md shows its speed and accuracy",
         False,
+    )
+    teacher_bf16: bool | None = _doc(
+        "bfloat16 autocast for the teacher's training and for its logits on the training "
+        "split, the soft targets; its validation and test logits stay float32 (null = bf16)",
+        None,
     )
 
 
@@ -170,6 +174,11 @@ class Config:
     @property
     def teacher_lr(self) -> float:
         return self.train.teacher_lr if self.train.teacher_lr is not None else self.train.lr
+
+    @property
+    def teacher_bf16(self) -> bool:
+        teacher = self.train.teacher_bf16
+        return teacher if teacher is not None else self.train.bf16
 
     def threads(self) -> int:
         if self.run.threads > 0:

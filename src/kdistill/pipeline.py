@@ -81,7 +81,7 @@ def hyper_for(config: Config, teacher: bool) -> Hyper:
         schedule=train_config.schedule,
         keep_best=train_config.keep_best,
         fused=train_config.fused,
-        bf16=train_config.bf16,
+        bf16=config.teacher_bf16 if teacher else train_config.bf16,
     )
 
 
@@ -197,7 +197,8 @@ def teacher_stage(run: Run, teacher_path: str | None) -> tuple[Classifier, dict]
             run, folder, teacher, hyper_for(config, True), config.run.seed, "teacher"
         )
     freeze(teacher)
-    logits = {k: v.to(run.device) for k, v in _cached_logits(folder, teacher, splits).items()}
+    cached = _cached_logits(folder, teacher, splits, config.teacher_bf16)
+    logits = {k: v.to(run.device) for k, v in cached.items()}
     return teacher, {"history": history, "logits": logits}
 
 
@@ -255,26 +256,31 @@ def _weights_digest(model: Classifier) -> str:
     return digest.hexdigest()
 
 
-def _cached_logits(folder: Path, teacher: Classifier, splits: Splits) -> dict[str, torch.Tensor]:
+def _cached_logits(
+    folder: Path, teacher: Classifier, splits: Splits, bf16_train: bool
+) -> dict[str, torch.Tensor]:
     """Return the teacher's logits from the cache, or compute and cache them.
 
-    The cache records the digest of the teacher's weights, so a different teacher in the same
-    folder never reuses stale logits.
+    The cache records the digest of the teacher's weights and the precision of the training
+    split's logits, so a different teacher or precision in the same folder never reuses
+    stale logits.
     """
     cache = folder / "logits.safetensors"
-    digest = _weights_digest(teacher)
+    metadata = {
+        "teacher_sha256": _weights_digest(teacher),
+        "train_precision": "bf16" if bf16_train else "fp32",
+    }
     if cache.is_file():
         with safe_open(str(cache), framework="pt") as stored:
-            recorded = (stored.metadata() or {}).get("teacher_sha256")
+            recorded = stored.metadata() or {}
         logits = load_file(str(cache))
         sizes_match = all(
             k in logits and logits[k].shape[0] == n for k, n in splits.sizes().items()
         )
-        if recorded == digest and sizes_match:
+        if all(recorded.get(k) == v for k, v in metadata.items()) and sizes_match:
             return logits
-    logits = split_logits(teacher, splits)
+    logits = split_logits(teacher, splits, bf16_train)
     on_cpu = {k: v.cpu().contiguous() for k, v in logits.items()}
-    metadata = {"teacher_sha256": digest}
     artifacts.atomic_write(cache, lambda tmp: save_file(on_cpu, str(tmp), metadata=metadata))
     return logits
 

@@ -20,15 +20,17 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def split_logits(model: nn.Module, splits) -> dict[str, torch.Tensor]:
+def split_logits(model: nn.Module, splits, bf16_train: bool = False) -> dict[str, torch.Tensor]:
     """Compute the frozen teacher's logits on every split, once.
 
     Without augmentation the training inputs never change, so these logits are the same in
     every epoch. Caching them makes a distilled epoch cost about as much as a baseline epoch.
+    ``bf16_train`` computes the training split's logits, the soft targets, under bfloat16
+    autocast; the validation and test logits, which measure the teacher, stay float32.
     """
     freeze(model)
     return {
-        "train": predict_logits(model, splits.x_train),
+        "train": predict_logits(model, splits.x_train, bf16=bf16_train),
         "val": predict_logits(model, splits.x_val),
         "test": predict_logits(model, splits.x_test),
     }
