@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import kdistill
 
@@ -240,3 +241,37 @@ def test_html_report_states_settings(finished_run):
     assert "paired seeds" in page
     assert "Exported student: seed" in page
     assert "data:image/png;base64," in page
+
+
+def test_export_empty_formats_rejected(finished_run, tmp_path):
+    folder, _ = finished_run
+    before = sorted(p.name for p in (folder / "export").iterdir())
+    result = kdistill_cli("export", str(folder), "--formats", " , ", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "names no format" in result.stderr
+    assert sorted(p.name for p in (folder / "export").iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        # The CPU allocator's wording, as in torch 2.13's libc10.so.
+        RuntimeError(
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 123456789 bytes."
+        ),
+        torch.OutOfMemoryError("out of device memory"),
+        MemoryError(),
+    ],
+)
+def test_out_of_memory_exits_with_advice(monkeypatch, capsys, fault):
+    # Running out of memory on purpose would disturb the machine, so the handler raises it.
+    from kdistill import cli
+
+    def exhausted(args):
+        raise fault
+
+    monkeypatch.setattr(cli, "cmd_run", exhausted)
+    assert cli.main(["run", "--out", "unused"]) == 2
+    message = capsys.readouterr().err
+    assert "out of memory" in message
+    assert "train.batch_size" in message

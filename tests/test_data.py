@@ -244,3 +244,16 @@ def test_npz_row_mismatch_named(tmp_path):
 def test_labels_from_one_get_hint(tmp_path):
     with pytest.raises(DataError, match="subtract 1"):
         load_splits(npz(tmp_path, np.zeros((90, 3)), np.arange(90) % 3 + 1), seed=0)
+
+
+def test_tiny_training_split_warns(caplog):
+    with caplog.at_level("WARNING", logger="kdistill.data"):
+        load_splits(DataConfig(name="digits", train_limit=60, val_fraction=0.5), seed=0)
+    assert "the training split has only" in caplog.text
+    assert "data.train_limit=60" in caplog.text
+
+
+def test_default_digits_split_does_not_warn(caplog):
+    with caplog.at_level("WARNING", logger="kdistill.data"):
+        load_splits(DataConfig(name="digits"), seed=0)
+    assert caplog.text == ""

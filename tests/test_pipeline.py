@@ -220,3 +220,19 @@ def test_logits_cache_keyed_by_precision(tmp_path):
     assert torch.equal(exact["val"], rounded["val"])
     again = pipeline._cached_logits(tmp_path, teacher, splits, bf16_train=True)
     assert torch.equal(again["train"], rounded["train"])
+
+
+def test_bf16_without_cpu_support_warns(monkeypatch, caplog):
+    from kdistill import config as config_module
+    from kdistill import pipeline
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    cfg = config_module.from_dict({"train": {"teacher_bf16": True}})
+    with caplog.at_level("WARNING", logger="kdistill.pipeline"):
+        pipeline._warn_slow_bf16(cfg, torch.device("cpu"))
+    assert "no bfloat16 instructions" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kdistill.pipeline"):
+        pipeline._warn_slow_bf16(config_module.Config(), torch.device("cpu"))
+    assert caplog.text == ""

@@ -80,9 +80,15 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from kdistill.export import export_run, format_parity
+    from kdistill.export import ExportError, export_run, format_parity
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    if not formats:
+        # export_run takes an empty list as "all formats"; an empty flag is more likely a typo.
+        raise ExportError(
+            f"--formats {args.formats!r} names no format; give a comma-separated list out of "
+            "safetensors, onnx, pt2"
+        )
     manifest = export_run(args.run_dir, formats)
     folder = Path(args.run_dir) / "export"
     for name, entry in manifest["files"].items():
@@ -224,7 +230,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kdistill: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except RuntimeError as error:
-        if "allocate" not in str(error):
+        # torch raises OutOfMemoryError on CUDA; its CPU allocator raises a plain RuntimeError
+        # ("DefaultCPUAllocator: can't allocate memory" in torch 2.13).
+        import torch
+
+        out_of_memory = getattr(torch, "OutOfMemoryError", ())
+        if not isinstance(error, out_of_memory) and "allocate" not in str(error):
             raise
         print(
             f"kdistill: error: out of memory ({error}); use smaller teacher.hidden or "

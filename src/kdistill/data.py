@@ -212,7 +212,8 @@ def check_features(x: np.ndarray, source: str) -> None:
         count, row, column = found
         raise DataError(
             f"{source}: {count} NaN or infinite feature value(s), first at row {row}, "
-            f"column {column}; clean or impute them before training"
+            f"column {column} (both counted from 0, header excluded); clean or impute them "
+            "before training"
         )
 
 
@@ -303,6 +304,24 @@ def fingerprint(*arrays: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+# A rule of thumb, not a measured limit: with fewer training examples of a class than this,
+# accuracies and their seed-to-seed spread say little about the class.
+MIN_TRAIN_PER_CLASS = 5
+
+
+def _warn_small_train(y_train: np.ndarray, num_classes: int, config: DataConfig, source: str):
+    counts = np.bincount(y_train, minlength=num_classes)
+    if counts.min() >= MIN_TRAIN_PER_CLASS:
+        return
+    log.warning(
+        "%s: the training split has only %d example(s) of class %d (%d in all, after "
+        "data.val_fraction=%g and data.train_limit=%d); expect noisy results, or lower "
+        "data.val_fraction or raise data.train_limit",
+        source, counts.min(), int(counts.argmin()), len(y_train), config.val_fraction,
+        config.train_limit,
+    )  # fmt: skip
+
+
 def load_splits(config: DataConfig, seed: int) -> Splits:
     """Load, check and split the configured data; standardization comes from train only."""
     x, y, x_test, y_test, source, names, feature_names = _raw_splits(config, seed)
@@ -325,6 +344,7 @@ def load_splits(config: DataConfig, seed: int) -> Splits:
     num_classes = int(max(y.max(), y_test.max())) + 1
     _check_classes(y, num_classes, source)
     x_train, x_val, y_train, y_val = _stratified(x, y, config.val_fraction, seed, "val", source)
+    _warn_small_train(y_train, num_classes, config, source)
 
     mean = x_train.mean(axis=0, dtype=np.float64)
     std = x_train.std(axis=0, dtype=np.float64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -91,9 +92,11 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.standardize(x))
 
-    def training_parts(self) -> tuple[nn.Module, nn.Module]:
-        """Return (standardization, network) so that the trainer can standardize its inputs
-        once per gathered block of rows instead of once per step."""
+    def training_parts(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]:
+        """Return (in-place standardization, network) for the trainer.
+
+        The trainer standardizes each gathered block of rows once instead of once per step.
+        """
         return self.standardize.apply_, self.net
 
 

@@ -323,7 +323,27 @@ def _setup(config: Config, folder: Path, resume: bool) -> Run:
         run.splits.source, sizes["train"], sizes["val"], sizes["test"],
         run.splits.num_features, run.splits.num_classes, torch.get_num_threads(),
     )  # fmt: skip
+    _warn_slow_bf16(config, run.device)
     return run
+
+
+def _warn_slow_bf16(config: Config, device: torch.device) -> None:
+    """Warn when bfloat16 autocast is requested on a CPU without bfloat16 instructions.
+
+    Without AVX512-BF16 or AMX, oneDNN emulates bfloat16 matrix multiplies, and users on the
+    PyTorch forum have reported them far slower than float32 on such CPUs.
+    """
+    if device.type != "cpu" or not (config.train.bf16 or config.teacher_bf16):
+        return
+    try:
+        supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private op, absent from some torch builds
+        return
+    if not supported:
+        log.warning(
+            "train.bf16 or train.teacher_bf16 is on, but this CPU has no bfloat16 "
+            "instructions, so autocast may be slower than float32; set both to false"
+        )
 
 
 def _to_device(splits: Splits, device: torch.device) -> None:

@@ -346,7 +346,8 @@ def _check_finite(x: np.ndarray, path: Path) -> None:
         count, row, column = found
         raise PredictError(
             f"{path}: {count} NaN or infinite value(s), first at row {row}, "
-            f"column {column}; the model needs finite numbers"
+            f"column {column} (both counted from 0, header excluded); the model needs finite "
+            "numbers"
         )
 
 

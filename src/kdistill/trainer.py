@@ -177,11 +177,11 @@ class _Step:
     """Per-run state of the optimizer steps: model parts, optimizer, schedule, targets, options.
 
     ``transform`` is the model's fixed input transform (the standardization), applied once per
-    gathered block; ``body`` is the rest of the model, which each step runs. Together they
-    compute exactly what the whole model computes.
+    gathered block, and it may work in place. ``body`` is the rest of the model, which each step
+    runs. Together they compute exactly what the whole model computes.
     """
 
-    transform: nn.Module | None
+    transform: Callable[[torch.Tensor], torch.Tensor] | None
     body: nn.Module
     optimizer: torch.optim.Optimizer
     schedule: Any
@@ -190,7 +190,9 @@ class _Step:
     bf16: bool = False
 
 
-def _split_model(model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
+def _split_model(
+    model: nn.Module,
+) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, nn.Module]:
     """Return (fixed input transform or None, trainable body) for ``model``."""
     parts = getattr(model, "training_parts", None)
     return parts() if parts is not None else (None, model)
