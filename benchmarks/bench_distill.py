@@ -9,7 +9,7 @@ spread of test accuracies over rounds is the run-to-run noise. The same run meas
 matrix-multiply throughput and the wall time of ``kdistill run`` with the digits defaults, then
 writes ``benchmarks/README.md``.
 
-    python benchmarks/bench_distill.py              # full run, about 10 minutes on 2 cores
+    python benchmarks/bench_distill.py              # full run, about 15 minutes on 2 cores
     python benchmarks/bench_distill.py --quick      # smoke check on a subset, under a minute
 """
 
@@ -104,17 +104,24 @@ class PhaseClock:
     def __init__(self) -> None:
         self.phases: dict[str, dict[str, float]] = {}
 
-    def measure(self, name: str, work):
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        started = time.perf_counter()
-        result = work()
-        seconds = time.perf_counter() - started
-        after = resource.getrusage(resource.RUSAGE_SELF)
-        self.phases[name] = {
-            "wall_s": seconds,
-            "user_s": after.ru_utime - usage.ru_utime,
-            "sys_s": after.ru_stime - usage.ru_stime,
-        }
+    def measure(self, name: str, work, repeats: int = 1):
+        """Run ``work`` ``repeats`` times, keep the fastest run's seconds, return its result.
+
+        Every caller passes deterministic work, so each run returns the same result.
+        """
+        for _ in range(repeats):
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            started = time.perf_counter()
+            result = work()
+            seconds = time.perf_counter() - started
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            record = {
+                "wall_s": seconds,
+                "user_s": after.ru_utime - usage.ru_utime,
+                "sys_s": after.ru_stime - usage.ru_stime,
+            }
+            if name not in self.phases or seconds < self.phases[name]["wall_s"]:
+                self.phases[name] = record
         return result
 
 
@@ -166,25 +173,30 @@ def reference_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> fl
     return correct / len(y)
 
 
-def run_reference(cfg: config_module.Config, seed: int) -> dict[str, Any]:
+def run_reference(cfg: config_module.Config, seed: int, repeats: int) -> dict[str, Any]:
     clock = PhaseClock()
     splits = clock.measure("data", lambda: load_splits(cfg.data, 0))
     teacher, initial = build_models(cfg, splits, seed)
-    generator = torch.Generator().manual_seed(seed)
     dataset = TensorDataset(splits.x_train, splits.y_train)
-    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, generator=generator)
-    epochs, lr = cfg.train.epochs, cfg.train.lr
-    clock.measure("teacher", lambda: reference_fit(teacher, loader, epochs, lr))
-    baseline = copy.deepcopy(initial)
-    clock.measure("baseline", lambda: reference_fit(baseline, loader, epochs, lr))
-    student = copy.deepcopy(initial)
-    distill = cfg.distill
-    clock.measure(
-        "student",
-        lambda: reference_fit(
-            student, loader, epochs, lr, teacher, distill.temperature, distill.alpha
-        ),
-    )
+    epochs, lr, distill = cfg.train.epochs, cfg.train.lr, cfg.distill
+
+    def loader() -> DataLoader:
+        # A fresh generator per phase, so that every repeat of a phase gets the same batches.
+        generator = torch.Generator().manual_seed(seed)
+        batch = cfg.train.batch_size
+        return DataLoader(dataset, batch_size=batch, shuffle=True, generator=generator)
+
+    def fit_copy(with_teacher: bool) -> nn.Module:
+        model = copy.deepcopy(initial)
+        teacher_model = teacher if with_teacher else None
+        reference_fit(
+            model, loader(), epochs, lr, teacher_model, distill.temperature, distill.alpha
+        )
+        return model
+
+    clock.measure("teacher", lambda: reference_fit(teacher, loader(), epochs, lr))
+    baseline = clock.measure("baseline", lambda: fit_copy(False), repeats)
+    student = clock.measure("student", lambda: fit_copy(True), repeats)
     x_test, y_test = splits.x_test, splits.y_test
     return {
         "phases": clock.phases,
@@ -199,7 +211,7 @@ def run_reference(cfg: config_module.Config, seed: int) -> dict[str, Any]:
 # step: kdistill through its library calls, as the pipeline makes them
 
 
-def run_kdistill(cfg: config_module.Config, seed: int) -> dict[str, Any]:
+def run_kdistill(cfg: config_module.Config, seed: int, repeats: int) -> dict[str, Any]:
     clock = PhaseClock()
     splits = clock.measure("data", lambda: load_splits(cfg.data, 0))
     teacher, initial = build_models(cfg, splits, seed)
@@ -211,13 +223,18 @@ def run_kdistill(cfg: config_module.Config, seed: int) -> dict[str, Any]:
     # measure the teacher, like the reference's untimed accuracy pass, so they are not timed.
     bf16 = cfg.teacher_bf16
     train_logits = clock.measure(
-        "logits", lambda: predict_logits(teacher, splits.x_train, bf16=bf16)
+        "logits", lambda: predict_logits(teacher, splits.x_train, bf16=bf16), repeats
     )
-    baseline = copy.deepcopy(initial)
-    clock.measure("baseline", lambda: train(baseline, data, student_hyper, seed, "baseline"))
-    student = copy.deepcopy(initial)
     soft = SoftTargets(train_logits, cfg.distill.temperature, cfg.distill.alpha)
-    clock.measure("student", lambda: train(student, data, student_hyper, seed, "student", soft))
+
+    def train_copy(targets: SoftTargets | None) -> nn.Module:
+        model = copy.deepcopy(initial)
+        name = "baseline" if targets is None else "student"
+        train(model, data, student_hyper, seed, name, targets)
+        return model
+
+    baseline = clock.measure("baseline", lambda: train_copy(None), repeats)
+    student = clock.measure("student", lambda: train_copy(soft), repeats)
     x_test, y_test = splits.x_test, splits.y_test
     return {
         "phases": clock.phases,
@@ -271,10 +288,10 @@ def worker(args: argparse.Namespace) -> None:
     if args.worker == "matmul":
         result = run_matmul(args.quick)
     elif args.worker == "reference":
-        result = run_reference(task_config(args.threads, args.quick, {}), args.seed)
+        result = run_reference(task_config(args.threads, args.quick, {}), args.seed, args.repeats)
     else:
         cfg = task_config(args.threads, args.quick, VARIANTS[args.worker])
-        result = run_kdistill(cfg, args.seed)
+        result = run_kdistill(cfg, args.seed, args.repeats)
     result["threads"] = torch.get_num_threads()
     print(json.dumps(result))
 
@@ -297,7 +314,8 @@ def spawn(command: list[str], env: dict[str, str] | None = None) -> tuple[str, f
 
 def spawn_worker(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     command = [sys.executable, __file__, "--worker", name, "--seed", str(seed)]
-    command += ["--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+    command += ["--threads", str(args.threads), "--repeats", str(args.repeats)]
+    command += ["--quick"] if args.quick else []
     load_before = os.getloadavg()[0]
     stdout, seconds, peak_mib = spawn(command)
     result = json.loads(stdout.strip().splitlines()[-1])
@@ -468,7 +486,11 @@ NOTES = [
     "  at 200 GFLOP/s, chunks of 8192 at 177), 0.4 s under bfloat16 autocast. The largest",
     "  logit differs by about 0.01 between the two on an untrained teacher.",
     "- Student step, fp32: about 0.58 ms, of which the five matrix multiplies take 0.30 ms",
-    "  in a bare loop; autograd, Adam (about 0.07 ms) and the loss (about 0.05 ms) take the rest.",
+    "  in a bare loop; autograd, Adam (about 0.07 ms) and the loss take the rest. Timed alone",
+    "  on 128 x 10 logits, the soft-target term adds about 45 µs per step to the hard-label",
+    "  loss and its backward pass, so the distilled student costs about 8 % more per step.",
+    "  One custom autograd function for both terms took 116 µs against 101 µs, and a",
+    "  hand-written soft-target gradient saved about 10 µs, so kdistill keeps the plain form.",
     "  Gathering 1024 shuffled rows at a time and standardizing them once, instead of per step,",
     "  took the step from 0.60 to 0.58 ms with the same bytes out.",
     "- Accuracy over more seeds than the 3 rounds here: `benchmarks/accuracy_check.py`",
@@ -572,6 +594,9 @@ def render_page(measured: dict[str, Any], summary: dict[str, Any], args) -> str:
         "where other jobs ran at times, so single timings drift; each round runs every",
         "implementation once, in alternating order, each in its own process. Round r uses seed",
         "r, so the ± on accuracies (standard deviation over rounds) is the run-to-run noise.",
+        f"Within a round the student phases and the logits pass run {args.repeats} times, on",
+        "both sides, and the fastest run counts: a phase of one or two seconds drifts by more",
+        "than the 15 % that the student-time target allows. Teacher training runs once.",
         "",
         f"- machine: {machine_description()}",
         f"- torch {torch.__version__}, {args.threads} threads",
@@ -633,6 +658,12 @@ def parse_args() -> argparse.Namespace:
         help=f"smoke check: {QUICK_TRAIN_LIMIT} training images, 1 epoch, no README update",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="runs of each student phase and logits pass per round; the fastest counts",
+    )
     parser.add_argument(
         "--cli-runs", type=int, default=1, help="timed `kdistill run` invocations (default 1)"
     )
