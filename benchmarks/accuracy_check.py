@@ -124,7 +124,9 @@ def render(rows: list[dict], teacher_accuracy: float, logit_gap: float, args) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=8, help="paired seeds, from 1 (default 8)")
+    parser.add_argument(
+        "--seeds", type=int, default=8, help="number of paired seeds 1..N, at least 2 (default 8)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--output", type=Path, default=PAGE, help=f"page to write ({PAGE})")
     args = parser.parse_args()

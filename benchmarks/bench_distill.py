@@ -412,7 +412,7 @@ def summarize(measured: dict[str, Any], args: argparse.Namespace) -> dict[str, A
     }
     ratios["floor_speedup"] = reference["distill"] / floor_s
     compared = [name for name in ("kdistill", FAST) if name in rows]
-    targets = [target_row(label, [rows[n] | ratios[n] for n in compared], cli_wall)
+    targets = [target_row(label, [rows[n] | ratios[n] for n in compared], cli_wall, args.quick)
                for label in TARGETS]  # fmt: skip
     return {
         "rows": rows, "ratios": ratios, "targets": targets, "compared": compared,
@@ -431,7 +431,9 @@ TARGETS = (
 )
 
 
-def target_row(label: str, measured: list[dict[str, float]], cli_wall: float | None) -> tuple:
+def target_row(
+    label: str, measured: list[dict[str, float]], cli_wall: float | None, quick: bool
+) -> tuple:
     """Return (label, [(shown value, met) per compared implementation], required)."""
     cells = []
     for row in measured:
@@ -445,6 +447,8 @@ def target_row(label: str, measured: list[dict[str, float]], cli_wall: float | N
         elif label == TARGETS[3]:
             # `kdistill run` is timed with the defaults only, so one figure serves both columns.
             shown = "-" if cli_wall is None else f"{cli_wall:.1f} s"
+            if quick:
+                shown += " (quick: 2 epochs, 2 seeds)"
             cell = (shown, cli_wall is not None and cli_wall <= 60.0)
         else:
             cell = (f"{row['peak_mib'] / 1024:.2f} GiB", row["peak_mib"] <= 1.5 * 1024)
@@ -467,13 +471,14 @@ def machine_description() -> str:
     return f"{model}, {cores} cores available, {platform.system()} {platform.release()}"
 
 
-# Facts from separate timings on the machine of the last full run (a 2-core AMD EPYC, torch
-# 2.13.0, 2 threads). They explain where the time goes and why the defaults are what they are.
+# Facts from separate timings on a 2-core AMD EPYC (torch 2.13.0, 2 threads), the machine of
+# the committed run. They explain where the time goes and why the defaults are what they are.
 NOTES = [
     "## Where the time goes",
     "",
-    "Timed apart from the rounds above, on the same 2-core AMD EPYC with torch 2.13.0 and 2",
-    "threads (minimum epoch time over 3 alternating repeats, divided by the steps):",
+    "Timed apart from the benchmark, on a 2-core AMD EPYC with torch 2.13.0 and 2 threads (the",
+    "machine of the committed run; minimum epoch time over 3 alternating repeats, divided by",
+    "the steps):",
     "",
     "- Teacher step, fp32: 12.7 ms with `nn.Dropout`, 11.1 ms with kdistill's `Dropout`.",
     "  `nn.Dropout` draws one random number per element with `bernoulli_`, 1.0 ms per",
@@ -655,7 +660,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"smoke check: {QUICK_TRAIN_LIMIT} training images, 1 epoch, no README update",
+        help=f"smoke check: {QUICK_TRAIN_LIMIT} training images, 1 epoch; writes a page only "
+        "where --readme names one",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
     parser.add_argument(

@@ -275,3 +275,20 @@ def test_out_of_memory_exits_with_advice(monkeypatch, capsys, fault):
     message = capsys.readouterr().err
     assert "out of memory" in message
     assert "train.batch_size" in message
+
+
+def test_overrides_after_options_are_applied(monkeypatch):
+    from kdistill import cli
+
+    parsed = []
+    monkeypatch.setattr(cli, "cmd_distill", lambda args: parsed.append(args) or 0)
+    argv = ["distill", "cfg.yaml", "--teacher", "t", "train.epochs=2", "--out", "o", "eval.seeds=2"]
+    assert cli.main(argv) == 0
+    assert parsed[0].overrides == ["train.epochs=2", "eval.seeds=2"]
+    assert parsed[0].teacher == "t"
+
+
+def test_unknown_option_still_rejected(tmp_path):
+    result = kdistill_cli("run", "--out", str(tmp_path / "o"), "--frobnicate", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unrecognized arguments: --frobnicate" in result.stderr

@@ -151,3 +151,18 @@ def test_yaml_syntax_error_names_line(tmp_path):
     path.write_text("train:\n  epochs: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML at line"):
         config.load(path)
+
+
+def test_partial_model_section_keeps_its_defaults():
+    cfg = config.load(None, ["teacher.hidden=[64]", "student.dropout=0.1"])
+    assert cfg.teacher.hidden == [64]
+    assert cfg.teacher.dropout == Config().teacher.dropout
+    assert cfg.teacher.input_dropout == Config().teacher.input_dropout
+    assert cfg.student.hidden == Config().student.hidden
+    assert cfg.student.dropout == 0.1
+
+
+def test_shipped_mlp128_teacher_matches_hinton_teacher():
+    hinton = config.load(ROOT / "configs" / "fashion-mnist.yaml")
+    compressed = config.load(ROOT / "configs" / "fashion-mnist" / "mlp128_from_mlp1200x2.yaml")
+    assert compressed.teacher == hinton.teacher

@@ -212,7 +212,7 @@ def test_logits_cache_keyed_by_precision(tmp_path):
     exact = pipeline._cached_logits(tmp_path, teacher, splits, bf16_train=False)
     rounded = pipeline._cached_logits(tmp_path, teacher, splits, bf16_train=True)
     with safe_open(str(tmp_path / "logits.safetensors"), framework="pt") as stored:
-        assert stored.metadata()["train_precision"] == "bf16"
+        assert json.loads(stored.metadata()["kdistill_logits"])["train_precision"] == "bf16"
     assert not torch.equal(exact["train"], rounded["train"])
     torch.testing.assert_close(rounded["train"], exact["train"], rtol=0.02, atol=0.05)
     # Validation and test logits measure the teacher, so they stay float32.
@@ -226,7 +226,7 @@ def test_bf16_without_cpu_support_warns(monkeypatch, caplog):
     from kdistill import config as config_module
     from kdistill import pipeline
 
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    monkeypatch.setattr(pipeline, "cpu_has_bf16", lambda: False)
     cfg = config_module.from_dict({"train": {"teacher_bf16": True}})
     with caplog.at_level("WARNING", logger="kdistill.pipeline"):
         pipeline._warn_slow_bf16(cfg, torch.device("cpu"))
@@ -236,3 +236,50 @@ def test_bf16_without_cpu_support_warns(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="kdistill.pipeline"):
         pipeline._warn_slow_bf16(config_module.Config(), torch.device("cpu"))
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512bw avx512_bf16\n", True),
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512bw avx512vl\n", False),
+        ("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n", True),
+        ("processor\t: 0\nFeatures\t: fp asimd\n", False),
+        ("processor\t: 0\n", None),
+    ],
+)
+def test_cpu_bf16_flags(tmp_path, text, expected):
+    from kdistill.pipeline import cpu_has_bf16
+
+    path = tmp_path / "cpuinfo"
+    path.write_text(text)
+    assert cpu_has_bf16(str(path)) is expected
+    assert cpu_has_bf16(str(tmp_path / "missing")) is None
+
+
+def test_damaged_logits_cache_is_recomputed(tmp_path):
+    from kdistill import pipeline
+    from kdistill.data import load_splits
+    from kdistill.models import build_model, model_spec
+
+    cfg = small_config()
+    splits = load_splits(cfg.data, cfg.run.seed)
+    torch.manual_seed(0)
+    spec = model_spec(cfg.teacher, splits.num_features, splits.num_classes)
+    teacher = freeze(build_model(spec, splits.mean, splits.std))
+    first = pipeline._cached_logits(tmp_path, teacher, splits, bf16_train=False)
+    cache = tmp_path / "logits.safetensors"
+    written = cache.read_bytes()
+    cache.write_bytes(b"garbage")
+
+    again = pipeline._cached_logits(tmp_path, teacher, splits, bf16_train=False)
+    assert torch.equal(again["train"], first["train"])
+    # The rewritten cache has the same bytes: one metadata key, so no ordering to vary.
+    assert cache.read_bytes() == written
+
+
+def test_metrics_record_soft_target_precision(tmp_path):
+    metrics = run_pipeline(small_config("train.teacher_bf16=true"), tmp_path / "run")
+    assert metrics["distill"]["soft_target_precision"] == "bf16"
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["distill"]["soft_target_precision"] == "bf16"

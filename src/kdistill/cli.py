@@ -190,7 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # argparse takes positionals only before the first option, so KEY=VALUE overrides written
+    # after --out or --teacher come back as unknown arguments; they are overrides all the same.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        overrides = [a for a in unknown if "=" in a and not a.startswith("-")]
+        if overrides != unknown or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides.extend(overrides)
     # With no config file, the first KEY=VALUE lands in the CONFIG slot: move it back.
     config_argument = getattr(args, "config", None)
     if (

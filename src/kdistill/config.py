@@ -6,6 +6,7 @@ and ``describe()`` lists them all.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -239,8 +240,14 @@ def _suggest(key: str, valid: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
 
 
-def _build_section(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
-    section = cls()
+def _build_section(default: Any, raw: Any, prefix: str, problems: list[str]) -> Any:
+    """Return ``default`` with the keys of ``raw`` applied; unset keys keep its values.
+
+    The teacher and student sections share one type but not their defaults, so a section
+    starts from the Config's default for it, not from the type's field defaults.
+    """
+    cls = type(default)
+    section = copy.deepcopy(default)
     if raw is None:
         return section
     if not isinstance(raw, dict):
@@ -275,7 +282,7 @@ def from_dict(raw: Any) -> Config:
         if key not in hints:
             problems.append(f"{key}: unknown section{_suggest(str(key), sections)}")
             continue
-        setattr(config, key, _build_section(hints[key], value, key, problems))
+        setattr(config, key, _build_section(getattr(config, key), value, key, problems))
     # Fields with a wrong type kept their defaults, so value checks still run on the rest.
     problems.extend(validate(config))
     if problems:

@@ -305,7 +305,7 @@ def fingerprint(*arrays: np.ndarray) -> str:
 
 
 # A rule of thumb, not a measured limit: with fewer training examples of a class than this,
-# accuracies and their seed-to-seed spread say little about the class.
+# accuracies and their seed-to-seed spread tell little about the class.
 MIN_TRAIN_PER_CLASS = 5
 
 
@@ -313,12 +313,14 @@ def _warn_small_train(y_train: np.ndarray, num_classes: int, config: DataConfig,
     counts = np.bincount(y_train, minlength=num_classes)
     if counts.min() >= MIN_TRAIN_PER_CLASS:
         return
+    fix = "lower data.val_fraction"
+    if config.train_limit > 0:
+        fix += " or raise data.train_limit"
     log.warning(
         "%s: the training split has only %d example(s) of class %d (%d in all, after "
-        "data.val_fraction=%g and data.train_limit=%d); expect noisy results, or lower "
-        "data.val_fraction or raise data.train_limit",
+        "data.val_fraction=%g and data.train_limit=%d); expect noisy results, or %s",
         source, counts.min(), int(counts.argmin()), len(y_train), config.val_fraction,
-        config.train_limit,
+        config.train_limit, fix,
     )  # fmt: skip
 
 

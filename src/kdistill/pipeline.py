@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from kdistill import artifacts, checkpoint
@@ -110,7 +110,7 @@ def prepare_folder(config: Config, folder: Path, resume: bool) -> None:
         if changed:
             raise RunError(
                 f"{saved} differs from the requested config in {', '.join(changed)}; resume "
-                "with the same config (omit CONFIG to reuse the saved one) or choose another --out"
+                f"with the same config (give {saved} as CONFIG to reuse it) or choose another --out"
             )
         log.info("resuming %s", folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -256,6 +256,26 @@ def _weights_digest(model: Classifier) -> str:
     return digest.hexdigest()
 
 
+def _read_logits_cache(cache: Path, key: str, splits: Splits) -> dict[str, torch.Tensor] | None:
+    """Return the cached logits if ``cache`` contains them for ``key`` and these splits, else None.
+
+    The file is only a cache, so a damaged one is recomputed rather than reported.
+    """
+    if not cache.is_file():
+        return None
+    try:
+        with safe_open(str(cache), framework="pt") as stored:
+            recorded = (stored.metadata() or {}).get("kdistill_logits")
+        logits = load_file(str(cache))
+    except (SafetensorError, OSError) as error:
+        log.warning(
+            "teacher logits cache %s is unreadable (%s); computing them again", cache, error
+        )
+        return None
+    sizes_match = all(k in logits and logits[k].shape[0] == n for k, n in splits.sizes().items())
+    return logits if recorded == key and sizes_match else None
+
+
 def _cached_logits(
     folder: Path, teacher: Classifier, splits: Splits, bf16_train: bool
 ) -> dict[str, torch.Tensor]:
@@ -266,19 +286,19 @@ def _cached_logits(
     stale logits.
     """
     cache = folder / "logits.safetensors"
-    metadata = {
-        "teacher_sha256": _weights_digest(teacher),
-        "train_precision": "bf16" if bf16_train else "fp32",
-    }
-    if cache.is_file():
-        with safe_open(str(cache), framework="pt") as stored:
-            recorded = stored.metadata() or {}
-        logits = load_file(str(cache))
-        sizes_match = all(
-            k in logits and logits[k].shape[0] == n for k, n in splits.sizes().items()
-        )
-        if all(recorded.get(k) == v for k, v in metadata.items()) and sizes_match:
-            return logits
+    # One metadata key: safetensors writes several in no fixed order, which would make the
+    # file's bytes, and the run manifest, differ between identical runs.
+    key = json.dumps(
+        {
+            "teacher_sha256": _weights_digest(teacher),
+            "train_precision": "bf16" if bf16_train else "fp32",
+        },
+        sort_keys=True,
+    )
+    metadata = {"kdistill_logits": key}
+    cached = _read_logits_cache(cache, key, splits)
+    if cached is not None:
+        return cached
     logits = split_logits(teacher, splits, bf16_train)
     on_cpu = {k: v.cpu().contiguous() for k, v in logits.items()}
     artifacts.atomic_write(cache, lambda tmp: save_file(on_cpu, str(tmp), metadata=metadata))
@@ -330,20 +350,38 @@ def _setup(config: Config, folder: Path, resume: bool) -> Run:
 def _warn_slow_bf16(config: Config, device: torch.device) -> None:
     """Warn when bfloat16 autocast is requested on a CPU without bfloat16 instructions.
 
-    Without AVX512-BF16 or AMX, oneDNN emulates bfloat16 matrix multiplies, and users on the
-    PyTorch forum have reported them far slower than float32 on such CPUs.
+    Without them oneDNN emulates bfloat16 matrix multiplies, and users on the PyTorch forum
+    have reported those far slower than float32.
     """
     if device.type != "cpu" or not (config.train.bf16 or config.teacher_bf16):
         return
-    try:
-        supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a private op, absent from some torch builds
-        return
-    if not supported:
+    if cpu_has_bf16() is False:
         log.warning(
             "train.bf16 or train.teacher_bf16 is on, but this CPU has no bfloat16 "
             "instructions, so autocast may be slower than float32; set both to false"
         )
+
+
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """Return whether the CPU flags list bfloat16 instructions, or None where unknown.
+
+    x86 lists avx512_bf16 or amx_bf16, and 64-bit Arm lists bf16. torch's own check
+    (``mkldnn_bf16_device_check`` in ATen) passes any x86 CPU with AVX512BW, VL and DQ,
+    including those without bfloat16 instructions, so it cannot tell the two apart.
+    """
+    try:
+        with open(cpuinfo, encoding="utf-8") as stream:
+            text = stream.read()
+    except OSError:
+        return None
+    flags: set[str] = set()
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    if not flags:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def _to_device(splits: Splits, device: torch.device) -> None:
@@ -403,7 +441,11 @@ def run_pipeline(
             "features": splits.num_features,
             "classes": splits.num_classes,
         },
-        "distill": {"temperature": config.distill.temperature, "alpha": config.distill.alpha},
+        "distill": {
+            "temperature": config.distill.temperature,
+            "alpha": config.distill.alpha,
+            "soft_target_precision": "bf16" if config.teacher_bf16 else "fp32",
+        },
         "seeds": eval_seeds(config),
         "teacher_source": str(teacher_path) if teacher_path else "trained",
     }
