@@ -257,3 +257,16 @@ def test_default_digits_split_does_not_warn(caplog):
     with caplog.at_level("WARNING", logger="kdistill.data"):
         load_splits(DataConfig(name="digits"), seed=0)
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize("limit", [1, 20, 45])
+def test_too_small_train_limit_names_minimum(limit):
+    # With 10 classes and val_fraction 0.2, 46 is the first size whose validation part,
+    # 20 % rounded up (ceil(9.2) = 10), has one example per class.
+    with pytest.raises(DataError, match=rf"train_limit={limit} is too small.*at least 46"):
+        load_splits(DataConfig(name="digits", train_limit=limit), seed=0)
+
+
+def test_smallest_train_limit_loads():
+    splits = load_splits(DataConfig(name="digits", train_limit=46), seed=0)
+    assert splits.sizes()["train"] + splits.sizes()["val"] == 46

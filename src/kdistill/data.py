@@ -10,6 +10,7 @@ import csv
 import gzip
 import hashlib
 import logging
+import math
 import struct
 import zipfile
 import zlib
@@ -264,9 +265,28 @@ def _stratified(x, y, fraction: float, seed: int, split_name: str, source: str):
         ) from None
 
 
-def _limit(x, y, limit: int, seed: int, source: str):
+def _smallest_limit(classes: int, val_fraction: float, available: int) -> int:
+    """Return the smallest sample whose stratified validation and training parts both get
+    every class, with the validation part rounded up as scikit-learn rounds it."""
+    for count in range(2 * classes, available + 1):
+        val = math.ceil(val_fraction * count)
+        if val >= classes and count - val >= classes:
+            return count
+    return available
+
+
+def _limit(x, y, limit: int, val_fraction: float, seed: int, source: str):
     if limit <= 0 or limit >= len(y):
         return x, y
+    classes = len(np.unique(y))
+    smallest = _smallest_limit(classes, val_fraction, len(y))
+    if limit < smallest:
+        raise DataError(
+            f"{source}: data.train_limit={limit} is too small to give the training and "
+            f"validation splits every one of the {classes} classes at "
+            f"data.val_fraction={val_fraction:g}; use at least {smallest}, or 0 for all "
+            f"{len(y)} examples"
+        )
     x_kept, _, y_kept, _ = _stratified(x, y, 1.0 - limit / len(y), seed, "train_limit", source)
     return x_kept, y_kept
 
@@ -342,7 +362,7 @@ def load_splits(config: DataConfig, seed: int) -> Splits:
                 f"training examples {x.shape[1]}"
             )
 
-    x, y = _limit(x, y, config.train_limit, seed, source)
+    x, y = _limit(x, y, config.train_limit, config.val_fraction, seed, source)
     num_classes = int(max(y.max(), y_test.max())) + 1
     _check_classes(y, num_classes, source)
     x_train, x_val, y_train, y_val = _stratified(x, y, config.val_fraction, seed, "val", source)
