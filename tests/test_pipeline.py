@@ -196,10 +196,8 @@ def test_one_seed_gives_json_null_bounds(tmp_path):
     assert saved["models"]["student"]["accuracy_std"] is None
 
 
-def test_logits_cache_keyed_by_precision(tmp_path):
-    from safetensors import safe_open
-
-    from kdistill import pipeline
+def untrained_teacher():
+    """Return (frozen untrained teacher, digits splits) from the small test config."""
     from kdistill.data import load_splits
     from kdistill.models import build_model, model_spec
 
@@ -207,7 +205,15 @@ def test_logits_cache_keyed_by_precision(tmp_path):
     splits = load_splits(cfg.data, cfg.run.seed)
     torch.manual_seed(0)
     spec = model_spec(cfg.teacher, splits.num_features, splits.num_classes)
-    teacher = freeze(build_model(spec, splits.mean, splits.std))
+    return freeze(build_model(spec, splits.mean, splits.std)), splits
+
+
+def test_logits_cache_keyed_by_precision(tmp_path):
+    from safetensors import safe_open
+
+    from kdistill import pipeline
+
+    teacher, splits = untrained_teacher()
 
     exact = pipeline._cached_logits(tmp_path, teacher, splits, bf16_train=False)
     rounded = pipeline._cached_logits(tmp_path, teacher, splits, bf16_train=True)
@@ -259,14 +265,8 @@ def test_cpu_bf16_flags(tmp_path, text, expected):
 
 def test_damaged_logits_cache_is_recomputed(tmp_path):
     from kdistill import pipeline
-    from kdistill.data import load_splits
-    from kdistill.models import build_model, model_spec
 
-    cfg = small_config()
-    splits = load_splits(cfg.data, cfg.run.seed)
-    torch.manual_seed(0)
-    spec = model_spec(cfg.teacher, splits.num_features, splits.num_classes)
-    teacher = freeze(build_model(spec, splits.mean, splits.std))
+    teacher, splits = untrained_teacher()
     first = pipeline._cached_logits(tmp_path, teacher, splits, bf16_train=False)
     cache = tmp_path / "logits.safetensors"
     written = cache.read_bytes()

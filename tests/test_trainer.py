@@ -186,7 +186,7 @@ class WholeModel(torch.nn.Module):
 
 
 @pytest.mark.parametrize("block_rows", [8, 24, 4096])
-def test_block_gather_gives_the_bytes_of_per_batch_steps(monkeypatch, block_rows):
+def test_block_gather_matches_per_batch_bytes(monkeypatch, block_rows):
     from kdistill import trainer
 
     x, y = blobs(100)
