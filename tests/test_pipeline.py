@@ -283,3 +283,5 @@ def test_metrics_record_soft_target_precision(tmp_path):
     assert metrics["distill"]["soft_target_precision"] == "bf16"
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["distill"]["soft_target_precision"] == "bf16"
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "soft targets computed in bfloat16" in report

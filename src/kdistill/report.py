@@ -111,7 +111,8 @@ def _summary_lines(metrics: dict[str, Any], config: Config) -> list[str]:
     return [
         f"Data: {data['source']} ({data['train']} train, {data['val']} validation, "
         f"{data['test']} test examples, {data['features']} features, {data['classes']} classes).",
-        f"Distillation: T = {config.distill.temperature:g}, alpha = {config.distill.alpha:g}; "
+        f"Distillation: T = {config.distill.temperature:g}, alpha = {config.distill.alpha:g}, "
+        f"soft targets computed in {'bfloat16' if config.teacher_bf16 else 'float32'}; "
         f"{len(metrics['seeds'])} paired seeds. Numbers are on the test split, mean ± std "
         "over seeds.",
     ]
