@@ -152,8 +152,8 @@ def main() -> None:
     rows = []
     for seed in range(1, args.seeds + 1):
         rows.append(seed_row(cfg, splits, teacher, logits, seed))
-        shown = " ".join(f"{key} {rows[-1][key]:.4f}" for key, _ in COLUMNS)
-        print(f"seed {seed}: {shown}", file=sys.stderr, flush=True)
+        accuracies = " ".join(f"{key} {rows[-1][key]:.4f}" for key, _ in COLUMNS)
+        print(f"seed {seed}: {accuracies}", file=sys.stderr, flush=True)
 
     page = render(rows, teacher_accuracy, logit_gap, args)
     args.output.write_text(page, encoding="utf-8")

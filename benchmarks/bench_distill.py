@@ -434,7 +434,7 @@ TARGETS = (
 def target_row(
     label: str, measured: list[dict[str, float]], cli_wall: float | None, quick: bool
 ) -> tuple:
-    """Return (label, [(shown value, met) per compared implementation], required)."""
+    """Return (label, [(value text, met) per compared implementation], required)."""
     cells = []
     for row in measured:
         if label == TARGETS[0]:
@@ -446,10 +446,10 @@ def target_row(
             cell = (f"{row['teacher_fraction']:.0%}", row["teacher_fraction"] >= 0.60)
         elif label == TARGETS[3]:
             # `kdistill run` is timed with the defaults only, so one figure serves both columns.
-            shown = "-" if cli_wall is None else f"{cli_wall:.1f} s"
+            wall_text = "-" if cli_wall is None else f"{cli_wall:.1f} s"
             if quick:
-                shown += " (quick: 2 epochs, 2 seeds)"
-            cell = (shown, cli_wall is not None and cli_wall <= 60.0)
+                wall_text += " (quick: 2 epochs, 2 seeds)"
+            cell = (wall_text, cli_wall is not None and cli_wall <= 60.0)
         else:
             cell = (f"{row['peak_mib'] / 1024:.2f} GiB", row["peak_mib"] <= 1.5 * 1024)
         cells.append(cell)
@@ -561,8 +561,8 @@ def render_page(measured: dict[str, Any], summary: dict[str, Any], args) -> str:
     target_lines = ["| target | " + " | ".join(f"`{n}`" for n in compared) + " | required |"]
     target_lines.append("|---" * (len(compared) + 2) + "|")
     for label, cells, required in summary["targets"]:
-        shown = [f"{value} ({'met' if met else 'missed'})" for value, met in cells]
-        target_lines.append(f"| {label} | " + " | ".join(shown) + f" | {required} |")
+        verdicts = [f"{value} ({'met' if met else 'missed'})" for value, met in cells]
+        target_lines.append(f"| {label} | " + " | ".join(verdicts) + f" | {required} |")
     epochs_text = "1 epoch" if summary["epochs"] == 1 else f"{summary['epochs']} epochs"
     quick_note = [
         f"**Quick mode ({QUICK_TRAIN_LIMIT} training images, 1 epoch): a smoke check. The",

@@ -17,10 +17,10 @@ def test_drop_rate_and_scale(p):
     dropped = (out == 0).float().mean().item()
     # 10^6 draws: the binomial standard deviation is at most 0.0005.
     assert dropped == pytest.approx(p, abs=0.002)
-    kept = out[out != 0]
+    kept_values = out[out != 0]
     # Kept values are scaled by the inverse of the rounded keep probability.
     kept_count = 65536 - round(p * 65536)
-    assert torch.all(kept == 65536 / kept_count)
+    assert torch.all(kept_values == 65536 / kept_count)
     assert out.mean().item() == pytest.approx(1.0, abs=0.01)
 
 
